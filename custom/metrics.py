@@ -1,0 +1,37 @@
+"""Imperceptibility metrics on intensities normalised to [0, 1] (data range 1)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from monai.metrics import SSIMMetric
+
+SSIM_WINDOW = 11
+SSIM_SIGMA = 1.5
+SSIM_DESCRIPTION = (
+    "3D SSIM over the whole volume, per channel then averaged: gaussian window 11 voxels (smaller when "
+    "a volume axis is shorter), sigma 1.5, K1 0.01, K2 0.03, data range 1 on normalised intensities"
+)
+PSNR_DESCRIPTION = "10*log10(1/MSE) on intensities normalised to [0, 1] (data range 1); null when identical"
+
+
+def psnr(clean: np.ndarray, protected: np.ndarray, region: np.ndarray | None = None) -> float | None:
+    """PSNR in dB with data range 1, over all voxels or over ``region`` (broadcast over channels).
+    Returns None when the two are identical (infinite PSNR has no JSON form)."""
+    squared = (clean.astype(np.float64) - protected.astype(np.float64)) ** 2
+    if region is not None:
+        squared = squared[np.broadcast_to(region, squared.shape)]
+    mse = float(squared.mean()) if squared.size else 0.0
+    return None if mse == 0 else 10.0 * math.log10(1.0 / mse)
+
+
+def ssim_3d(clean: np.ndarray, protected: np.ndarray) -> float:
+    """3D SSIM of two (C, H, W, D) volumes in [0, 1], as described by SSIM_DESCRIPTION."""
+    window = min(SSIM_WINDOW, *(size if size % 2 else size - 1 for size in clean.shape[1:]))
+    metric = SSIMMetric(
+        spatial_dims=3, data_range=1.0, kernel_type="gaussian", win_size=window, kernel_sigma=SSIM_SIGMA
+    )
+    value = metric(torch.as_tensor(protected[None], dtype=torch.float64), torch.as_tensor(clean[None], dtype=torch.float64))
+    return float(value.mean())
