@@ -6,7 +6,7 @@ import gzip
 import hashlib
 import os
 import shutil
-import tempfile
+import uuid
 from pathlib import Path
 
 import nibabel as nib
@@ -52,29 +52,33 @@ def _header_prefix(source: Path, vox_offset: int) -> bytes:
         return stream.read(vox_offset)
 
 
+def _temporary_for(path: Path) -> Path:
+    """A fresh hidden name beside ``path``; open(..., "xb") on it keeps the usual umask permissions."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """Write bytes through a temporary file in the same folder, so no reader sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    temporary = _temporary_for(path)
     try:
-        with os.fdopen(handle, "wb") as stream:
+        with open(temporary, "xb") as stream:
             stream.write(data)
         os.replace(temporary, path)
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise
 
 
 def copy_atomic(source: Path, destination: Path) -> None:
     """Byte-identical copy of a file, through a temporary file."""
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.", suffix=".part")
-    os.close(handle)
+    temporary = _temporary_for(destination)
     try:
-        shutil.copyfile(source, temporary)
+        with open(source, "rb") as reader, open(temporary, "xb") as writer:
+            shutil.copyfileobj(reader, writer)
         os.replace(temporary, destination)
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise
 
 
