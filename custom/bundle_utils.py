@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from custom.demo import make_demo_dataset
+from custom.nifti_io import VoxShieldInputError
 
 
 def bundle_root(name: str) -> str:
@@ -33,3 +35,23 @@ def as_bool(value: bool | str | int, name: str) -> bool:
             return False
         raise ValueError(f"--{name} must be true or false, got {value!r}.")
     return bool(value)
+
+
+def brief_input_errors() -> None:
+    """
+    Make a bad-input failure print one line naming the file (and exit non-zero) instead of a
+    traceback through MONAI's config resolver; every other exception keeps its full traceback.
+    Called from the configs' ``initialize``.
+    """
+    default_hook = sys.excepthook
+
+    def hook(kind, error, traceback):
+        cause = error
+        while cause is not None and not isinstance(cause, VoxShieldInputError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            default_hook(kind, error, traceback)
+        else:
+            print(f"voxshield: error: {cause}", file=sys.stderr)
+
+    sys.excepthook = hook

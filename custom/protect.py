@@ -172,7 +172,10 @@ class DatasetProtector:
             for name in case.images + [case.label]:
                 copy_atomic(root / name, output / name)
                 files[name] = sha256(output / name)
-            return {"case_id": case.case_id, "protected": False, "reason": "empty label", "files": files}
+            return {
+                "case_id": case.case_id, "images": case.images, "label": case.label,
+                "protected": False, "reason": "empty label", "files": files,
+            }
 
         clean = normalise(loaded.image, loaded.offsets, loaded.scales)
         delta = self._perturbation_for(clean, loaded.label)
@@ -202,6 +205,8 @@ class DatasetProtector:
         protected = normalise(protected_source, loaded.offsets, loaded.scales)
         return {
             "case_id": case.case_id,
+            "images": case.images,
+            "label": case.label,
             "protected": True,
             "max_abs_delta_normalised": float((change_source / loaded.scales.reshape(-1, 1, 1, 1)).max()),
             "max_abs_delta_source_units": change_source.reshape(len(loaded.scales), -1).max(axis=1).tolist(),

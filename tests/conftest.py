@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny demo datasets, a random generator checkpoint, and running bundles as a user does."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from monai.networks.nets import UNet
+
+from custom.demo import make_demo_dataset
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+LA_MRI = REPO_ROOT.parent / "shared" / "data" / "la_mri"
+EPS = 4 / 255
+
+
+def generator_net(channels: int) -> UNet:
+    """The bundles' generator_def (train.json / protect.json)."""
+    return UNet(3, channels, channels, channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=1,
+                norm="INSTANCE", act="LEAKYRELU")
+
+
+def run_bundle(*args: str, config: str | list[str], bundle: str = "voxshield_flare") -> subprocess.CompletedProcess:
+    """`python -m monai.bundle run ...` from the repository root, exactly as the README says."""
+    files = [config] if isinstance(config, str) else config
+    paths = [f"bundles/{bundle}/configs/{name}" for name in files]
+    config_arg = paths[0] if len(paths) == 1 else repr(paths)
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env["OMP_NUM_THREADS"] = env.get("OMP_NUM_THREADS", "2")
+    command = [sys.executable, "-m", "monai.bundle", "run", *args[:1], "--config_file", config_arg, *args[1:]]
+    return subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture
+def flare_data(tmp_path):
+    return make_demo_dataset(tmp_path / "flare", "flare", num_cases=3, shape=(32, 32, 16))
+
+
+@pytest.fixture
+def brats_data(tmp_path):
+    return make_demo_dataset(tmp_path / "brats", "brats", num_cases=2, shape=(32, 32, 16))
+
+
+@pytest.fixture(scope="session")
+def random_checkpoints(tmp_path_factory):
+    """Untrained generators (1 and 4 channels): protect's guarantees must hold for any weights."""
+    folder = tmp_path_factory.mktemp("checkpoints")
+    paths = {}
+    for channels in (1, 4):
+        torch.manual_seed(channels)
+        net = generator_net(channels)
+        with torch.no_grad():  # a large final bias + weights so tanh saturates: the bound is exercised
+            for parameter in net.parameters():
+                parameter.mul_(4.0)
+        paths[channels] = folder / f"generator_{channels}.pt"
+        torch.save(net.state_dict(), paths[channels])
+    return paths

@@ -1,0 +1,193 @@
+"""protect's guarantees, checked on the files it writes: bound in the written dtype, untouched labels,
+outside-ROI voxels and headers, manifest, atomic and resumable output, refusal to clobber."""
+
+import json
+import math
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from monai.inferers import SlidingWindowInferer
+
+from checks import assert_protected_copy
+from conftest import EPS, generator_net
+from custom.data import open_dataset
+from custom.nifti_io import VoxShieldInputError
+from custom.perturbation import ROIBoundedPerturbation
+from custom.protect import DatasetProtector, bounded_stored_values
+
+
+def protector(dataset_dir, output_dir, checkpoint, channels, **options):
+    return DatasetProtector(
+        dataset=open_dataset(dataset_dir),
+        output_dir=output_dir,
+        generator=generator_net(channels),
+        perturbation=ROIBoundedPerturbation(eps=EPS),
+        inferer=SlidingWindowInferer(roi_size=(32, 32, 16), overlap=0.25),
+        checkpoint=checkpoint,
+        **options,
+    )
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "int16", "int32", "float32", "float64"])
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_bounded_stored_values_never_exceed_bound(dtype, data):
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**31)))
+    slope = data.draw(st.sampled_from([1.0, 0.5, 2.5, 1e-3]))
+    bound = data.draw(st.floats(1e-3, 50.0))
+    info = np.iinfo(dtype) if dtype.startswith(("int", "uint")) else None
+    low, high = (info.min, info.max) if info else (-1e4, 1e4)
+    stored = rng.uniform(low, high, size=200).astype(dtype)
+    stored[:3] = [low, high, 0] if info else stored[:3]
+    delta = rng.uniform(-bound, bound, size=200)
+    delta[10:20] = 0.0
+    new = bounded_stored_values(stored, delta, slope, bound)
+    assert new.dtype == stored.dtype
+    change = (new.astype(np.float64) - stored.astype(np.float64)) * slope
+    assert (np.abs(change) <= bound).all()
+    assert np.array_equal(new[10:20], stored[10:20])
+    if info:  # rounding goes towards the source value, never past the requested change
+        assert (np.abs(change) <= np.abs(delta) + 1e-9).all()
+        assert (np.sign(change) * np.sign(delta) >= 0).all()
+
+
+def test_float_rounding_outwards_is_pulled_back():
+    stored = np.array([1.0, 1000.0, 3.3], dtype=np.float32)
+    bound = 4 / 255 * 0.7
+    new = bounded_stored_values(stored, np.full(3, bound), 1.0, bound)
+    assert (np.abs(new.astype(np.float64) - stored.astype(np.float64)) <= bound).all()
+    assert (new > stored).all()
+
+
+def test_protect_flare_int16_ct(flare_data, tmp_path, random_checkpoints):
+    output = tmp_path / "out"
+    source_bytes = {p: p.read_bytes() for p in flare_data.rglob("*") if p.is_file()}
+    manifest = protector(flare_data, output, random_checkpoints[1], 1).run()
+    assert_protected_copy(flare_data, output, EPS, ct=True)
+    assert {p: p.read_bytes() for p in flare_data.rglob("*") if p.is_file()} == source_bytes  # source untouched
+    assert manifest["eps_normalised"] == EPS and manifest["method"] == "voxshield"
+    assert manifest["generator"]["sha256"] == __import__("hashlib").sha256(random_checkpoints[1].read_bytes()).hexdigest()
+    assert {"torch", "monai", "numpy", "nibabel", "python"} <= set(manifest["software"])
+    assert nib.load(output / "TrainingImg/train_000_0000.nii.gz").get_data_dtype() == np.int16
+    # PSNR recomputed from the files with the documented definition (CT window, data range 1).
+    record = manifest["cases"][0]
+    clean = nib.load(flare_data / record["images"][0]).get_fdata()
+    protected = nib.load(output / record["images"][0]).get_fdata()
+    normalise = lambda hu: np.clip((hu + 175.0) / 425.0, 0, 1)  # noqa: E731
+    mse = ((normalise(clean) - normalise(protected)) ** 2).mean()
+    assert record["psnr_db_volume"] == pytest.approx(10 * math.log10(1 / mse), rel=1e-6)
+    roi = np.asanyarray(nib.load(flare_data / record["label"]).dataobj) > 0
+    mse_roi = ((normalise(clean) - normalise(protected))[roi] ** 2).mean()
+    assert record["psnr_db_roi"] == pytest.approx(10 * math.log10(1 / mse_roi), rel=1e-6)
+    assert record["roi_fraction"] == pytest.approx(roi.mean())
+    assert 0.9 < record["ssim_3d_volume"] < 1.0
+
+
+def test_protect_brats_float32_mri(brats_data, tmp_path, random_checkpoints):
+    output = tmp_path / "out"
+    protector(brats_data, output, random_checkpoints[4], 4).run()
+    manifest = assert_protected_copy(brats_data, output, EPS, ct=False)
+    assert len(manifest["cases"]) == 2 and all(len(case["images"]) == 4 for case in manifest["cases"])
+    assert nib.load(output / manifest["cases"][0]["images"][0]).get_data_dtype() == np.float32
+
+
+def test_scaled_and_4d_msd_dataset(tmp_path, random_checkpoints):
+    """An MSD dataset with a 4D two-channel float image stored as int16 with scl_slope/inter."""
+    root = tmp_path / "msd"
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    rng = np.random.default_rng(0)
+    label = np.zeros((32, 32, 16), np.uint8)
+    label[8:20, 10:24, 4:12] = 1
+    affine = np.diag([1.5, 1.5, 3.0, 1.0])
+    image = nib.Nifti1Image((rng.normal(size=(32, 32, 16, 2)) * 300 + 1000).astype(np.int16), affine)
+    image.header.set_slope_inter(0.5, 10.0)
+    nib.save(image, root / "imagesTr/case_a.nii.gz")
+    nib.save(nib.Nifti1Image(label, affine), root / "labelsTr/case_a.nii.gz")
+    (root / "dataset.json").write_text(json.dumps({
+        "modality": {"0": "T1", "1": "T2"}, "labels": {"0": "background", "1": "lesion"},
+        "training": [{"image": "./imagesTr/case_a.nii.gz", "label": "./labelsTr/case_a.nii.gz"}],
+        "test": [],
+    }))
+    output = tmp_path / "out"
+    with torch.no_grad():
+        net = generator_net(2)
+    torch.save(net.state_dict(), tmp_path / "g2.pt")
+    protector(root, output, tmp_path / "g2.pt", 2).run()
+    manifest = assert_protected_copy(root, output, EPS, ct=False)
+    written = nib.load(output / "imagesTr/case_a.nii.gz")
+    assert written.dataobj.slope == 0.5 and written.dataobj.inter == 10.0
+    assert manifest["cases"][0]["images"] == ["imagesTr/case_a.nii.gz"]
+
+
+def test_refuses_existing_output_and_output_inside_input(flare_data, tmp_path, random_checkpoints):
+    output = tmp_path / "out"
+    protector(flare_data, output, random_checkpoints[1], 1).run()
+    with pytest.raises(VoxShieldInputError, match=r"out: output folder exists; pass --overwrite true"):
+        protector(flare_data, output, random_checkpoints[1], 1).run()
+    first = (output / "voxshield_manifest.json").stat().st_mtime_ns
+    protector(flare_data, output, random_checkpoints[1], 1, overwrite=True).run()
+    assert (output / "voxshield_manifest.json").stat().st_mtime_ns != first
+    assert_protected_copy(flare_data, output, EPS, ct=True)
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(VoxShieldInputError, match="not a VoxShield output"):
+        protector(flare_data, foreign, random_checkpoints[1], 1, overwrite=True).run()
+    assert (foreign / "notes.txt").read_text() == "keep me"
+
+    for inside in (flare_data / "protected", flare_data):
+        with pytest.raises(VoxShieldInputError, match="inside the input dataset"):
+            protector(flare_data, inside, random_checkpoints[1], 1).run()
+    assert not (flare_data / "protected").exists()
+    with pytest.raises(VoxShieldInputError, match="contains the input dataset"):
+        protector(flare_data, tmp_path, random_checkpoints[1], 1, overwrite=True).run()
+
+
+def test_interrupted_run_resumes(flare_data, tmp_path, random_checkpoints, monkeypatch):
+    output = tmp_path / "out"
+    run = protector(flare_data, output, random_checkpoints[1], 1)
+    original = DatasetProtector._protect_case
+    calls = []
+
+    def crash_on_second_case(self, case):
+        calls.append(case.case_id)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as if the user pressed Ctrl-C mid-run
+        return original(self, case)
+
+    monkeypatch.setattr(DatasetProtector, "_protect_case", crash_on_second_case)
+    with pytest.raises(KeyboardInterrupt):
+        run.run()
+    monkeypatch.setattr(DatasetProtector, "_protect_case", original)
+    assert not (output / "voxshield_manifest.json").exists()
+    assert not list(output.rglob("*.tmp"))
+    done = output / "TrainingImg/train_000_0000.nii.gz"
+    before = done.stat().st_mtime_ns
+    # A rerun with other settings must not mix two generators into one dataset.
+    with pytest.raises(VoxShieldInputError, match="interrupted run with other settings"):
+        protector(flare_data, output, random_checkpoints[4], 1).run()
+    protector(flare_data, output, random_checkpoints[1], 1).run()
+    assert done.stat().st_mtime_ns == before  # finished case kept, not redone
+    assert_protected_copy(flare_data, output, EPS, ct=True)
+
+
+def test_empty_label_fails_or_is_copied_on_request(flare_data, tmp_path, random_checkpoints):
+    label_path = flare_data / "TrainingMask/train_001.nii.gz"
+    label = nib.load(label_path)
+    nib.save(nib.Nifti1Image(np.zeros(label.shape, np.uint8), label.affine), label_path)
+    output = tmp_path / "out"
+    with pytest.raises(VoxShieldInputError, match=r"train_001.nii.gz: label is empty"):
+        protector(flare_data, output, random_checkpoints[1], 1).run()
+    assert not output.exists()
+    manifest = protector(flare_data, output, random_checkpoints[1], 1, copy_empty_labels=True).run()
+    record = {case["case_id"]: case for case in manifest["cases"]}["train_001"]
+    assert record["protected"] is False
+    image = "TrainingImg/train_001_0000.nii.gz"
+    assert (output / image).read_bytes() == (flare_data / image).read_bytes()
+    assert_protected_copy(flare_data, output, EPS, ct=True)
