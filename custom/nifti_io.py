@@ -16,6 +16,9 @@ import numpy as np
 class VoxShieldInputError(ValueError):
     """A problem with the user's data; the message is one line that names the file."""
 
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(message.split()))  # library messages may span lines
+
 
 def load_nifti(path: Path) -> nib.Nifti1Image:
     """Open a NIfTI file (header only; data is read lazily), raising VoxShieldInputError if unusable."""

@@ -1,0 +1,65 @@
+"""Both bundles end to end through `python -m monai.bundle run`, from the repository root with no
+PYTHONPATH: configs import `custom` from the working directory, which `python -m` puts on sys.path."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from checks import assert_protected_copy
+from conftest import EPS, REPO_ROOT, generator_net, run_bundle
+from custom import bundle_utils
+
+CASES = [("voxshield_flare", "flare_data", True, 1), ("voxshield_brats", "brats_data", False, 4)]
+
+
+@pytest.mark.parametrize("bundle, data_fixture, ct, channels", CASES)
+def test_train_then_protect(bundle, data_fixture, ct, channels, request, tmp_path):
+    data = request.getfixturevalue(data_fixture)
+    ckpt, logs, output = tmp_path / "ckpt", tmp_path / "logs", tmp_path / "protected"
+    trained = run_bundle(
+        "training", "--dataset_dir", str(data), "--ckpt_dir", str(ckpt), "--log_dir", str(logs),
+        "--epochs", "2", "--patch_size", "[32,32,16]", config="train.json", bundle=bundle,
+    )
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert "Epoch[2] Complete" in trained.stdout + trained.stderr
+    state = torch.load(ckpt / "generator.pt", weights_only=True)
+    generator_net(channels).load_state_dict(state)  # strict: a flat, unwrapped state_dict
+    assert (ckpt / "surrogate.pt").is_file()
+    assert list(logs.glob("events.out.tfevents.*")), "no TensorBoard log"
+
+    protected = run_bundle(
+        "protect", "--dataset_dir", str(data), "--ckpt_dir", str(ckpt), "--output_dir", str(output),
+        "--window_size", "[32,32,16]", config="protect.json", bundle=bundle,
+    )
+    assert protected.returncode == 0, protected.stderr[-3000:]
+    manifest = assert_protected_copy(data, output, EPS, ct=ct)
+    assert manifest["dataset"]["layout"] == ("flare" if ct else "brats")
+
+    again = run_bundle(
+        "protect", "--dataset_dir", str(data), "--ckpt_dir", str(ckpt), "--output_dir", str(output),
+        config="protect.json", bundle=bundle,
+    )
+    assert again.returncode != 0 and "output folder exists; pass --overwrite true" in again.stderr
+    replaced = run_bundle(
+        "protect", "--dataset_dir", str(data), "--ckpt_dir", str(ckpt), "--output_dir", str(output),
+        "--window_size", "[32,32,16]", "--overwrite", "true", config="protect.json", bundle=bundle,
+    )
+    assert replaced.returncode == 0, replaced.stderr[-3000:]
+    assert_protected_copy(data, output, EPS, ct=ct)
+
+
+def test_bundle_root_and_demo_default(tmp_path):
+    assert Path(bundle_utils.bundle_root("voxshield_flare")) == REPO_ROOT / "bundles" / "voxshield_flare"
+    demo = Path(bundle_utils.demo_dataset(str(tmp_path), "brats"))
+    assert demo == tmp_path / "demo_data" and (demo / "HGG").is_dir()
+
+
+@pytest.mark.parametrize("text, expected", [("true", True), ("False", False), ("1", True), (False, False)])
+def test_cli_booleans(text, expected):
+    assert bundle_utils.as_bool(text, "overwrite") is expected
+
+
+def test_cli_boolean_typo_is_an_error():
+    with pytest.raises(ValueError, match="--overwrite must be true or false"):
+        bundle_utils.as_bool("ture", "overwrite")
