@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,11 +99,11 @@ def _case_id(file_name: str) -> str:
     return re.sub(r"\.nii(\.gz)?$", "", file_name)
 
 
-def _msd(root: Path, meta: dict) -> tuple[list[Case], list[str], dict[int, str], list[str]]:
+def _msd(root: Path, meta: dict, lists: Sequence[str]) -> tuple[list[Case], list[str], dict[int, str], list[str]]:
     channels = [meta["modality"][key] for key in sorted(meta.get("modality", {"0": "MRI"}), key=int)]
     labels = {int(value): name for value, name in meta["labels"].items()}
     cases, unlabelled = [], []
-    for list_name in ("training", "test"):
+    for list_name in lists:
         for entry in meta.get(list_name, []):
             if isinstance(entry, dict) and entry.get("label"):
                 image = entry["image"]
@@ -168,6 +169,7 @@ def open_dataset(
     normalisation: str = "auto",
     ct_window: tuple[float, float] = DEFAULT_CT_WINDOW,
     mri_percentiles: tuple[float, float] = DEFAULT_MRI_PERCENTILES,
+    lists: Sequence[str] = ("training", "test"),
 ) -> DatasetSpec:
     """
     Find the labelled cases of a dataset and decide how to normalise it.
@@ -179,6 +181,8 @@ def open_dataset(
             dataset.json or the layout), or ``ct`` / ``mri`` for every channel.
         ct_window: HU window mapped to [0, 1] for CT channels.
         mri_percentiles: percentiles of the non-zero voxels mapped to 0 and 1 for MRI channels.
+        lists: the MSD dataset.json lists whose labelled entries are used (e.g. only "training" to
+            keep held-out test cases out of generator training); other layouts ignore it.
 
     Returns:
         the DatasetSpec; raises VoxShieldInputError for a missing or unrecognised dataset.
@@ -195,9 +199,8 @@ def open_dataset(
     if layout in ("msd", "nnunetv2"):
         dataset_json = "dataset.json"
         meta = _read_json(root / dataset_json)
-        reader = _msd if layout == "msd" else _nnunetv2
         try:
-            cases, channels, labels, unlabelled = reader(root, meta)
+            cases, channels, labels, unlabelled = _msd(root, meta, lists) if layout == "msd" else _nnunetv2(root, meta)
         except (KeyError, TypeError, ValueError) as error:
             if isinstance(error, VoxShieldInputError):
                 raise

@@ -191,3 +191,61 @@ def test_empty_label_fails_or_is_copied_on_request(flare_data, tmp_path, random_
     image = "TrainingImg/train_001_0000.nii.gz"
     assert (output / image).read_bytes() == (flare_data / image).read_bytes()
     assert_protected_copy(flare_data, output, EPS, ct=True)
+
+
+def test_nnunet_v2_layout_with_unlabelled_test_images(tmp_path):
+    """nnU-Net v2 raw: per-channel files, labels by name, imagesTs copied unchanged."""
+    root = tmp_path / "Dataset001_Demo"
+    for folder in ("imagesTr", "labelsTr", "imagesTs"):
+        (root / folder).mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    affine = np.diag([0.8, 0.8, 2.5, 1.0])
+    for case in ("demo_001", "demo_002"):
+        label = np.zeros((32, 32, 16), np.uint8)
+        label[6:20, 8:22, 3:12] = 1
+        label[20:26, 8:14, 5:9] = 2
+        nib.save(nib.Nifti1Image(label, affine), root / f"labelsTr/{case}.nii.gz")
+        ct = rng.normal(40, 30, size=label.shape).astype(np.int16)
+        mri = rng.gamma(2.0, 100.0, size=label.shape).astype(np.float32)
+        nib.save(nib.Nifti1Image(ct, affine), root / f"imagesTr/{case}_0000.nii.gz")
+        nib.save(nib.Nifti1Image(mri, affine), root / f"imagesTr/{case}_0001.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros((32, 32, 16), np.int16), affine), root / "imagesTs/demo_009_0000.nii.gz")
+    (root / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "CT", "1": "T2"}, "labels": {"background": 0, "liver": 1, "tumour": 2},
+        "numTraining": 2, "file_ending": ".nii.gz",
+    }))
+    spec = open_dataset(root)
+    assert spec.layout == "nnunetv2" and spec.normalisation == ["ct", "mri"]
+    assert spec.label_values == [0, 1, 2] and spec.unlabelled_images == ["imagesTs/demo_009_0000.nii.gz"]
+    assert spec.cases[0].images == ["imagesTr/demo_001_0000.nii.gz", "imagesTr/demo_001_0001.nii.gz"]
+    torch.manual_seed(3)
+    torch.save(generator_net(2).state_dict(), tmp_path / "g2.pt")
+    output = tmp_path / "out"
+    manifest = protector(root, output, tmp_path / "g2.pt", 2).run()
+    assert "imagesTs/demo_009_0000.nii.gz" in manifest["copied_files"]
+    # CT channel: bound is eps * the HU window width; MRI channel: percentile scale (checked in checks.py).
+    for record in manifest["cases"]:
+        assert record["bound_source_units"][0] == pytest.approx(EPS * 425.0)
+        for name in record["images"]:
+            before = nib.load(root / name).get_fdata()
+            after = nib.load(output / name).get_fdata()
+            assert np.abs(after - before).max() > 0
+    assert nib.load(output / "imagesTr/demo_001_0000.nii.gz").get_data_dtype() == np.int16
+
+
+def test_msd_lists_select_cases(tmp_path, flare_data):
+    """Only the chosen dataset.json lists are cases; the rest are copied untouched by protect."""
+    root = tmp_path / "msd"
+    entries = []
+    for index, case in enumerate(("train_000", "train_001", "train_002")):
+        for kind, folder, suffix in (("image", "imagesTr", "_0000"), ("label", "labelsTr", "")):
+            source = flare_data / ("TrainingImg" if kind == "image" else "TrainingMask") / f"{case}{suffix}.nii.gz"
+            (root / folder).mkdir(parents=True, exist_ok=True)
+            (root / folder / f"{case}.nii.gz").write_bytes(source.read_bytes())
+        entries.append({"image": f"./imagesTr/{case}.nii.gz", "label": f"./labelsTr/{case}.nii.gz"})
+    (root / "dataset.json").write_text(json.dumps({
+        "modality": {"0": "CT"}, "labels": {"0": "background", "1": "liver", "2": "kidney", "3": "spleen", "4": "pancreas"},
+        "training": entries[:2], "test": entries[2:],
+    }))
+    assert [case.case_id for case in open_dataset(root).cases] == ["train_000", "train_001", "train_002"]
+    assert [case.case_id for case in open_dataset(root, lists=["training"]).cases] == ["train_000", "train_001"]
