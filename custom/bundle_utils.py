@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 from custom.demo import make_demo_dataset
-from custom.nifti_io import VoxShieldInputError
+from custom.nifti_io import VoxShieldInputError, write_atomic
+
+TRAINING_RECORD = "training_config.json"
 
 
 def bundle_root(name: str) -> str:
@@ -55,3 +58,9 @@ def brief_input_errors() -> None:
             print(f"voxshield: error: {cause}", file=sys.stderr)
 
     sys.excepthook = hook
+
+
+def record_training(ckpt_dir: str, settings: dict) -> None:
+    """Write CKPT/training_config.json beside the checkpoints, so protect's manifest (and the reports
+    built from it) can say how the generator was trained (e.g. which ablation)."""
+    write_atomic(Path(ckpt_dir) / TRAINING_RECORD, json.dumps(settings, indent=1, default=str).encode())

@@ -47,6 +47,9 @@ class DatasetSpec:
         labels: label value -> name, background included.
         normalisation: ``"ct"`` or ``"mri"`` per channel.
         dataset_json: relative path of the dataset.json, if the layout has one.
+        ct_window, mri_percentiles: see open_dataset.
+        unlabelled_images: images without a label (copied, never protected).
+        name: the dataset.json "name", else the folder name.
     """
 
     root: Path
@@ -59,6 +62,7 @@ class DatasetSpec:
     ct_window: tuple[float, float] = DEFAULT_CT_WINDOW
     mri_percentiles: tuple[float, float] = DEFAULT_MRI_PERCENTILES
     unlabelled_images: list[str] = field(default_factory=list)
+    name: str = ""
 
     @property
     def num_channels(self) -> int:
@@ -195,10 +199,11 @@ def open_dataset(
     if normalisation not in ("auto", "ct", "mri"):
         raise VoxShieldInputError(f"{root}: unknown normalisation {normalisation!r}; expected auto, ct or mri.")
     layout = detect_layout(root) if layout == "auto" else layout
-    dataset_json, unlabelled = None, []
+    dataset_json, unlabelled, name = None, [], root.name
     if layout in ("msd", "nnunetv2"):
         dataset_json = "dataset.json"
         meta = _read_json(root / dataset_json)
+        name = str(meta.get("name", name))
         try:
             cases, channels, labels, unlabelled = _msd(root, meta, lists) if layout == "msd" else _nnunetv2(root, meta)
         except (KeyError, TypeError, ValueError) as error:
@@ -216,7 +221,7 @@ def open_dataset(
     kinds = [_normalisation_for(name) if normalisation == "auto" else normalisation for name in channels]
     return DatasetSpec(
         root, layout, cases, channels, labels, kinds, dataset_json,
-        tuple(ct_window), tuple(mri_percentiles), unlabelled,
+        tuple(ct_window), tuple(mri_percentiles), unlabelled, name,
     )
 
 

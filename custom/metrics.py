@@ -6,13 +6,14 @@ import math
 
 import numpy as np
 import torch
-from monai.metrics import SSIMMetric
+from monai.metrics.regression import KernelType, compute_ssim_and_cs
 
 SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
 SSIM_DESCRIPTION = (
-    "3D SSIM over the whole volume, per channel then averaged: gaussian window 11 voxels (smaller when "
-    "a volume axis is shorter), sigma 1.5, K1 0.01, K2 0.03, data range 1 on normalised intensities"
+    "3D SSIM, per channel then averaged: gaussian window 11 voxels (smaller when a volume axis is "
+    "shorter), sigma 1.5, K1 0.01, K2 0.03, data range 1 on normalised intensities; the local SSIM map "
+    "(valid windows only) is averaged over the whole volume or over the ROI voxels it covers"
 )
 PSNR_DESCRIPTION = "10*log10(1/MSE) on intensities normalised to [0, 1] (data range 1); null when identical"
 
@@ -27,11 +28,23 @@ def psnr(clean: np.ndarray, protected: np.ndarray, region: np.ndarray | None = N
     return None if mse == 0 else 10.0 * math.log10(1.0 / mse)
 
 
-def ssim_3d(clean: np.ndarray, protected: np.ndarray) -> float:
-    """3D SSIM of two (C, H, W, D) volumes in [0, 1], as described by SSIM_DESCRIPTION."""
+def ssim_3d(clean: np.ndarray, protected: np.ndarray, region: np.ndarray | None = None) -> float | None:
+    """
+    3D SSIM of two (C, H, W, D) volumes in [0, 1], as described by SSIM_DESCRIPTION. Over the whole
+    volume this equals monai.metrics.SSIMMetric with the same settings; with ``region`` ((H, W, D)
+    boolean) the SSIM map is averaged over the region's voxels instead (None if no window centre
+    falls inside the region).
+    """
     window = min(SSIM_WINDOW, *(size if size % 2 else size - 1 for size in clean.shape[1:]))
-    metric = SSIMMetric(
-        spatial_dims=3, data_range=1.0, kernel_type="gaussian", win_size=window, kernel_sigma=SSIM_SIGMA
+    ssim_map, _ = compute_ssim_and_cs(
+        torch.as_tensor(protected[None]), torch.as_tensor(clean[None]), spatial_dims=3,
+        kernel_size=[window] * 3, kernel_sigma=[SSIM_SIGMA] * 3, data_range=1.0, kernel_type=KernelType.GAUSSIAN,
     )
-    value = metric(torch.as_tensor(protected[None], dtype=torch.float64), torch.as_tensor(clean[None], dtype=torch.float64))
-    return float(value.mean())
+    ssim_map = ssim_map[0].double().numpy()  # (C, H - window + 1, ...): one value per window centre
+    if region is None:
+        return float(ssim_map.mean())
+    half = window // 2
+    centres = region[half : region.shape[0] - half, half : region.shape[1] - half, half : region.shape[2] - half]
+    if not centres.any():
+        return None
+    return float(ssim_map[:, centres].mean())

@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import datetime
 import json
-import platform
 import shutil
 from pathlib import Path
 
-import monai
-import nibabel
 import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from custom.bundle_utils import TRAINING_RECORD
 from custom.data import Case, DatasetSpec, load_case, normalise
 from custom.metrics import PSNR_DESCRIPTION, SSIM_DESCRIPTION, psnr, ssim_3d
 from custom.nifti_io import (
@@ -29,6 +27,7 @@ from custom.nifti_io import (
     write_stored_like,
 )
 from custom.perturbation import ROIBoundedPerturbation
+from custom.provenance import software_versions
 
 MANIFEST_NAME = "voxshield_manifest.json"
 PROGRESS_DIR = ".voxshield_progress"
@@ -58,16 +57,6 @@ def bounded_stored_values(stored: np.ndarray, delta: np.ndarray, slope: float, b
         if not outside.any():
             return moved
         moved[outside] = np.nextafter(moved[outside], stored[outside])
-
-
-def _versions() -> dict:
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "monai": monai.__version__,
-        "numpy": np.__version__,
-        "nibabel": nibabel.__version__,
-    }
 
 
 def _distributed() -> tuple[int, int]:
@@ -218,6 +207,7 @@ class DatasetProtector:
             "psnr_db_volume": psnr(clean, protected),
             "psnr_db_roi": psnr(clean, protected, roi),
             "ssim_3d_volume": ssim_3d(clean, protected),
+            "ssim_3d_roi": ssim_3d(clean, protected, roi),
             "files": files,
         }
 
@@ -230,6 +220,11 @@ class DatasetProtector:
             (self.output_dir / name).is_file() and sha256(self.output_dir / name) == digest
             for name, digest in record["files"].items()
         )
+
+    def _training_record(self) -> dict | None:
+        """How the generator was trained, from the training_config.json that training writes beside it."""
+        record = self.checkpoint.with_name(TRAINING_RECORD)
+        return json.loads(record.read_text()) if record.is_file() else None
 
     # ---- the whole dataset ---------------------------------------------------------------------
     def _copy_other_files(self) -> dict:
@@ -285,8 +280,12 @@ class DatasetProtector:
             "method": self.method,
             "parameters": {key: run_info[key] for key in ("eps", "roi_dilation", "squash")},
             "eps_normalised": self.perturbation.eps,
-            "generator": {"checkpoint": self.checkpoint.name, "sha256": run_info["generator_sha256"]},
-            "software": _versions(),
+            "generator": {
+                "checkpoint": self.checkpoint.name,
+                "sha256": run_info["generator_sha256"],
+                "training": self._training_record(),
+            },
+            "software": software_versions(),
             "dataset": {
                 "source": str(self.dataset.root),
                 "layout": self.dataset.layout,
@@ -298,7 +297,8 @@ class DatasetProtector:
             "metric_definitions": {
                 "psnr_db_volume": PSNR_DESCRIPTION + "; all voxels",
                 "psnr_db_roi": PSNR_DESCRIPTION + "; ROI voxels only",
-                "ssim_3d_volume": SSIM_DESCRIPTION,
+                "ssim_3d_volume": SSIM_DESCRIPTION + "; whole volume",
+                "ssim_3d_roi": SSIM_DESCRIPTION + "; ROI voxels only",
                 "max_abs_delta_normalised": "largest |protected - source| / normalisation scale; <= eps",
             },
             "cases": records,

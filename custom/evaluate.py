@@ -1,0 +1,234 @@
+"""Training a victim segmenter on (clean or protected) data and scoring it on clean held-out cases."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from custom.data import BRATS_LABELS, DatasetSpec, load_case, normalise, open_dataset
+from custom.metrics import PSNR_DESCRIPTION, SSIM_DESCRIPTION, psnr, ssim_3d
+from custom.nifti_io import VoxShieldInputError, write_atomic
+from custom.protect import MANIFEST_NAME
+from custom.provenance import hardware, software_versions
+from custom.seg_metrics import aggregate, case_metrics
+
+RESULTS_NAME = "results.json"
+TABLE_NAME = "results.md"
+BRATS_REGIONS = {"WT": [1, 2, 4], "TC": [1, 4], "ET": [4]}
+
+
+def evaluation_regions(spec: DatasetSpec) -> dict[str, list[int]]:
+    """BraTS's nested regions WT/TC/ET for BraTS labels; otherwise one region per foreground label."""
+    if spec.labels.keys() == BRATS_LABELS.keys():
+        return dict(BRATS_REGIONS)
+    return {spec.labels[value]: [value] for value in spec.label_values if value != 0}
+
+
+def _only(spec: DatasetSpec, case_ids: set[str]) -> DatasetSpec:
+    return dataclasses.replace(spec, cases=[case for case in spec.cases if case.case_id in case_ids])
+
+
+def held_out_split(
+    train_dir: str,
+    test_dir: str,
+    test_list: Sequence[str] | str | None = None,
+    layout: str = "auto",
+    normalisation: str = "auto",
+) -> tuple[DatasetSpec, DatasetSpec]:
+    """
+    The victim's training cases and the clean test cases.
+
+    Args:
+        train_dir: data the victim trains on (clean, or a protected copy).
+        test_dir: clean data; its held-out cases are the test set.
+        test_list: case ids of the test set, or a JSON/text file listing them (one per line); None
+            takes the dataset.json "test" list of ``test_dir``.
+        layout, normalisation: as in custom.data.open_dataset.
+
+    Returns:
+        (train, test). Training cases are the ``training`` cases of ``train_dir`` minus every test
+        case id, so a protected copy of the whole dataset never leaks test cases into training.
+    """
+    if isinstance(test_list, str):
+        path = Path(test_list)
+        if not path.is_file():
+            raise VoxShieldInputError(f"{path}: test list not found.")
+        text = path.read_text()
+        test_list = json.loads(text) if path.suffix == ".json" else text.split()
+    if test_list is None:
+        test = open_dataset(test_dir, layout, normalisation, lists=["test"])
+        if test.layout != "msd":
+            raise VoxShieldInputError(f"{test.root}: {test.layout} layout has no test list; give --test_list.")
+    else:
+        test = open_dataset(test_dir, layout, normalisation, lists=["training", "test"])
+        missing = sorted(set(test_list) - {case.case_id for case in test.cases})
+        if missing:
+            raise VoxShieldInputError(f"{test.root}: test cases {missing} not found.")
+        test = _only(test, set(test_list))
+    train = open_dataset(train_dir, layout, normalisation, lists=["training"])
+    test_ids = {case.case_id for case in test.cases}
+    train = _only(train, {case.case_id for case in train.cases} - test_ids)
+    if not train.cases:
+        raise VoxShieldInputError(f"{train.root}: no training cases left once the test cases are excluded.")
+    if train.label_values != test.label_values or train.num_channels != test.num_channels:
+        raise VoxShieldInputError(f"{train.root}: labels or channels differ from the test data {test.root}.")
+    return train, test
+
+
+def _number(value: float | None, digits: int) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _markdown(results: dict) -> str:
+    run, overall = results["run"], results["metrics"]["aggregate"]
+    lines = [
+        f"# Victim {run['victim']} trained on {run['train_data']} ({run['method']}), tested on clean {run['test_data']}",
+        "",
+        "| region | DSC | HD95 (mm) | empty predictions |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, region in overall["regions"].items():
+        lines.append(
+            f"| {name} | {_number(region['mean_dice'], 4)} | {_number(region['mean_hd95_mm'], 2)} "
+            f"| {region['empty_predictions']} |"
+        )
+    lines.append(f"| **mean** | **{_number(overall['mean_dice'], 4)}** | **{_number(overall['mean_hd95_mm'], 2)}** "
+                 f"| {overall['empty_prediction_cases']} cases |")
+    seen = results["imperceptibility"]
+    if seen:
+        lines += ["", "| PSNR volume (dB) | PSNR ROI (dB) | SSIM volume | SSIM ROI | voxels perturbed |",
+                  "| --- | --- | --- | --- | --- |",
+                  "| " + " | ".join(_number(seen["aggregate"][key], digits) for key, digits in (
+                      ("psnr_db_volume", 2), ("psnr_db_roi", 2), ("ssim_3d_volume", 4), ("ssim_3d_roi", 4),
+                      ("fraction_voxels_changed", 4))) + " |"]
+    recipe = results["recipe"]
+    lines += ["", f"Recipe: {json.dumps(recipe)}; wall time {results['wall_time_s']['total']:.0f} s."]
+    return "\n".join(lines) + "\n"
+
+
+class VictimEvaluation:
+    """
+    Trains a victim with a MONAI trainer, then scores it on clean held-out cases and writes
+    OUT/results.json and OUT/results.md.
+
+    Metrics per test case (custom.seg_metrics): DSC and HD95 (mm, using the label's voxel spacing;
+    an empty prediction scores DSC 0 and the volume diagonal as HD95) per region, with their means.
+    When the training data is a copy of the test dataset (same case ids), the imperceptibility of
+    each training case is measured against its clean twin: PSNR and 3D SSIM over the volume and the
+    ROI on intensities normalised with the clean case's normalisation (data range 1), and the
+    fraction of voxels that differ.
+
+    Args:
+        train: the victim's training cases (see held_out_split).
+        test: clean held-out cases.
+        network: the victim (the trainer's network).
+        inferer: e.g. SlidingWindowInferer over the training patch size.
+        output_dir: where results go (created; existing results are replaced).
+        recipe: the training recipe, recorded verbatim (victim, epochs, patch, lr, augmentation, ...).
+        device: where the victim runs.
+    """
+
+    def __init__(self, train, test, network, inferer, output_dir, recipe: dict, device="cpu") -> None:
+        self.train, self.test = train, test
+        self.network, self.inferer = network, inferer
+        self.output_dir = Path(output_dir)
+        self.recipe = recipe
+        self.device = torch.device(device)
+        self.regions = evaluation_regions(test)
+
+    def _score(self) -> list[dict]:
+        self.network.eval()
+        values = np.array(self.test.label_values)
+        records = []
+        for case in tqdm(self.test.cases, desc="evaluate"):
+            loaded = load_case(self.test, case)
+            image = torch.as_tensor(normalise(loaded.image, loaded.offsets, loaded.scales)[None], device=self.device)
+            with torch.no_grad():
+                prediction = self.inferer(image, self.network).argmax(1)[0].cpu().numpy()
+            spacing = nib.load(self.test.root / case.label).header.get_zooms()[:3]
+            metrics = case_metrics(values[prediction], loaded.label, spacing, self.regions)
+            records.append({"case_id": case.case_id, **metrics})
+        return records
+
+    def _imperceptibility(self) -> dict | None:
+        if self.train.root == self.test.root:
+            return None
+        clean = open_dataset(self.test.root, self.test.layout, lists=["training", "test"])
+        clean_cases = {case.case_id: case for case in clean.cases}
+        records = []
+        for case in self.train.cases:
+            if case.case_id not in clean_cases:
+                continue
+            source = load_case(clean, clean_cases[case.case_id])
+            copy = load_case(self.train, case)
+            if copy.image.shape != source.image.shape:
+                continue
+            before = normalise(source.image, source.offsets, source.scales)
+            after = normalise(copy.image, source.offsets, source.scales)
+            roi = source.label > 0
+            records.append({
+                "case_id": case.case_id,
+                "psnr_db_volume": psnr(before, after),
+                "psnr_db_roi": psnr(before, after, roi),
+                "ssim_3d_volume": ssim_3d(before, after),
+                "ssim_3d_roi": ssim_3d(before, after, roi),
+                "fraction_voxels_changed": float((copy.image != source.image).mean()),
+            })
+        if not records:
+            return None
+        keys = [key for key in records[0] if key != "case_id"]
+        mean = {key: float(np.mean([r[key] for r in records if r[key] is not None])) for key in keys}
+        return {"aggregate": mean, "cases": records, "definitions": {"psnr": PSNR_DESCRIPTION, "ssim": SSIM_DESCRIPTION}}
+
+    def _protection(self) -> dict | None:
+        manifest = self.train.root / MANIFEST_NAME
+        if not manifest.is_file():
+            return None
+        content = json.loads(manifest.read_text())
+        return {key: content.get(key) for key in ("method", "parameters", "generator")}
+
+    def run(self, trainer) -> dict:
+        """Train with ``trainer`` (a MONAI trainer over ``network``), evaluate, write the results."""
+        start = time.perf_counter()
+        trainer.run()
+        trained = time.perf_counter()
+        cases = self._score()
+        evaluated = time.perf_counter()
+        protection = self._protection()
+        results = {
+            "format": "voxshield-evaluation/1",
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "run": {
+                "victim": self.recipe.get("victim"),
+                "train_data": str(self.train.root),
+                "test_data": str(self.test.root),
+                "dataset_name": self.test.name,
+                "method": protection["method"] if protection else "clean",
+                "train_cases": len(self.train.cases),
+                "test_cases": [case.case_id for case in self.test.cases],
+            },
+            "protection": protection,
+            "recipe": self.recipe,
+            "metrics": {"aggregate": aggregate(cases), "cases": cases},
+            "imperceptibility": self._imperceptibility(),
+            "software": software_versions(),
+            "hardware": hardware(),
+            "wall_time_s": {
+                "train": trained - start,
+                "evaluate": evaluated - trained,
+                "total": time.perf_counter() - start,
+            },
+        }
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.output_dir / RESULTS_NAME, json.dumps(results, indent=1).encode())
+        write_atomic(self.output_dir / TABLE_NAME, _markdown(results).encode())
+        return results

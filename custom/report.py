@@ -1,0 +1,526 @@
+"""The paper's tables from victim evaluations (results.json), and figures of a protected case."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from custom.data import Case, load_case, normalise, open_dataset
+from custom.evaluate import RESULTS_NAME
+from custom.nifti_io import VoxShieldInputError, write_atomic
+from custom.protect import MANIFEST_NAME
+
+RESULTS_FORMAT = "voxshield-evaluation/1"
+REPORT_FORMAT = "voxshield-report/1"
+TABLES_NAME = "tables.md"
+REPORT_NAME = "report.json"
+PERTURBATION_FIGURE = "perturbation.png"
+COMPARISON_FIGURE = "comparison.png"
+MAIN_VICTIM = "unet"
+ABLATED_METHOD = "voxshield"
+FULL = "full"
+VARIANTS = (FULL, "w/o L_SPD", "w/o L_ISC", "w/o L_SPD and L_ISC")
+CLEAN_REFERENCE = "clean (reference)"
+# key in report.json -> (Markdown header, decimals)
+METRICS = {
+    "dsc_percent": ("DSC (%)", 2),
+    "hd95_mm": ("HD95 (mm)", 2),
+    "psnr_db_volume": ("PSNR (dB)", 2),
+    "ssim_3d_volume": ("SSIM", 4),
+}
+
+
+# ---- results ------------------------------------------------------------------------------------
+def _results_files(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(path.rglob(RESULTS_NAME))
+            if not found:
+                raise VoxShieldInputError(f"{path}: no {RESULTS_NAME} found in this folder.")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise VoxShieldInputError(f"{path}: results file or folder not found.")
+    return list(dict.fromkeys(file.resolve() for file in files))  # a file named twice counts once
+
+
+def collect_results(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[dict]:
+    """
+    Read victim evaluations written by custom.evaluate.
+
+    Args:
+        paths: results.json files, or folders searched recursively for results.json.
+
+    Returns:
+        one dict per file (each file once), as written, with ``"source"`` set to the file's path.
+
+    Raises:
+        VoxShieldInputError: naming the file, for a missing path, unreadable JSON, another
+            ``format`` or a file without the run and metrics sections.
+    """
+    results = []
+    for path in _results_files(paths):
+        try:
+            content = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise VoxShieldInputError(f"{path}: unreadable results file ({error}).") from error
+        found = content.get("format") if isinstance(content, dict) else None
+        if found != RESULTS_FORMAT:
+            raise VoxShieldInputError(f"{path}: format {found!r} is not {RESULTS_FORMAT!r}.")
+        try:
+            content["run"]["method"], content["run"]["victim"], content["metrics"]["aggregate"]["mean_dice"]
+        except (KeyError, TypeError) as error:
+            raise VoxShieldInputError(f"{path}: incomplete results file (missing {error}).") from error
+        results.append({**content, "source": str(path)})
+    return results
+
+
+def _enabled(weight) -> bool:
+    """A loss weight missing from the training record counts as on: only an explicit 0 ablates it."""
+    return weight is None or float(weight) > 0
+
+
+def _variant(result: dict) -> str:
+    """The row of a result in the ablation: clean, or which losses its generator was trained with."""
+    if result["run"]["method"] == "clean":
+        return "clean"
+    training = ((result.get("protection") or {}).get("generator") or {}).get("training")
+    if not training:
+        return FULL
+    spd, isc = _enabled(training.get("lambda_spd")), _enabled(training.get("lambda_isc"))
+    return VARIANTS[(not spd) + 2 * (not isc)]  # VARIANTS lists full, w/o SPD, w/o ISC, w/o both
+
+
+def _summary(result: dict) -> dict:
+    """The fields the tables use, from one results.json."""
+    run, overall = result["run"], result["metrics"]["aggregate"]
+    seen = (result.get("imperceptibility") or {}).get("aggregate") or {}
+    dice = overall.get("mean_dice")
+    recipe = result.get("recipe") or {}
+    test_cases = run.get("test_cases")
+    return {
+        "source": result.get("source"),
+        "dataset": str(run.get("dataset_name") or Path(str(run.get("test_data"))).name),
+        "method": run["method"],
+        "victim": str(run["victim"]),
+        "variant": _variant(result),
+        "test_cases": len(test_cases) if isinstance(test_cases, list) else test_cases,
+        "recipe": (recipe.get("epochs"), recipe.get("iterations"), recipe.get("augmentation")),
+        "values": {
+            "dsc_percent": None if dice is None else 100 * dice,
+            "hd95_mm": overall.get("mean_hd95_mm"),
+            "psnr_db_volume": seen.get("psnr_db_volume"),
+            "ssim_3d_volume": seen.get("ssim_3d_volume"),
+        },
+    }
+
+
+# ---- tables -------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class _Table:
+    """Rows x column groups (a dataset, or a dataset and a method) x metrics; each cell holds the
+    summaries of every result that falls in it."""
+
+    key: str
+    title: str
+    row_name: str
+    group_names: tuple[str, ...]
+    metrics: list[str]
+    rows: list[str]
+    groups: list[tuple[str, ...]]
+    cells: dict[tuple[str, tuple[str, ...]], list[dict]]
+    scope: str
+
+    @property
+    def used(self) -> list[dict]:
+        return [summary for cell in self.cells.values() for summary in cell]
+
+
+def _methods_order(methods) -> list[str]:
+    return sorted(set(methods), key=lambda method: (method != "clean", method))
+
+
+def _build(key, title, row_name, group_names, metrics, entries, row_order, scope) -> _Table:
+    """``entries``: (row, group, summary) triples."""
+    cells: dict = {}
+    for row, group, summary in entries:
+        cells.setdefault((row, group), []).append(summary)
+    rows = [row for row in row_order if any(cell_row == row for cell_row, _ in cells)]
+    # by dataset; within a dataset clean first, then the methods by name
+    groups = sorted({group for _, group in cells}, key=lambda group: (group[0], [(m != "clean", m) for m in group[1:]]))
+    return _Table(key, title, row_name, group_names, metrics, rows, groups, cells, scope)
+
+
+def _paper_tables(summaries: list[dict]) -> list[_Table]:
+    main = [s for s in summaries if s["variant"] in ("clean", FULL)]
+    table1 = _build(
+        "table1", "Table 1: protection methods against a 3D UNet victim", "method", ("dataset",),
+        list(METRICS), [(s["method"], (s["dataset"],), s) for s in main if s["victim"] == MAIN_VICTIM],
+        _methods_order(s["method"] for s in main),
+        f"victim {MAIN_VICTIM}; protected data from fully trained generators (no ablations)",
+    )
+    victims = sorted({s["victim"] for s in main}, key=lambda victim: (victim != MAIN_VICTIM, victim))
+    table2 = _build(
+        "table2", "Table 2: victim architectures", "victim", ("dataset", "method"),
+        ["dsc_percent", "hd95_mm"], [(s["victim"], (s["dataset"], s["method"]), s) for s in main], victims,
+        "protected data from fully trained generators (no ablations)",
+    )
+    ablation = [
+        (CLEAN_REFERENCE if s["method"] == "clean" else s["variant"], (s["dataset"],), s)
+        for s in summaries
+        if s["victim"] == MAIN_VICTIM and s["method"] in ("clean", ABLATED_METHOD)
+    ]
+    has_ablation = any(row != CLEAN_REFERENCE for row, _, _ in ablation)
+    table3 = _build(
+        "table3", f"Table 3: ablation of the {ABLATED_METHOD} generator losses", "variant", ("dataset",),
+        list(METRICS), ablation if has_ablation else [], [CLEAN_REFERENCE, *VARIANTS],
+        f"victim {MAIN_VICTIM}; variant from protection.generator.training (lambda_spd, lambda_isc)",
+    )
+    return [table for table in (table1, table2, table3) if table.rows]
+
+
+def _cell(summaries: list[dict], metric: str) -> dict:
+    values = [s["values"][metric] for s in summaries if s["values"][metric] is not None]
+    return {"mean": float(np.mean(values)) if values else None, "n": len(values), "results": len(summaries)}
+
+
+def _format(cell: dict, digits: int) -> str:
+    if cell["mean"] is None:
+        return "n/a"
+    text = f"{cell['mean']:.{digits}f}"
+    return f"{text} (n={cell['n']})" if cell["results"] > 1 else text
+
+
+def _recipe_text(recipe: tuple) -> str:
+    epochs, iterations, augmentation = ("?" if value is None else value for value in recipe)
+    switch = {True: "on", False: "off"}.get(augmentation, augmentation)
+    return f"{epochs} epochs ({iterations} iterations), augmentation {switch}"
+
+
+def _note(table: _Table) -> str:
+    """Where the numbers come from: files, test cases per dataset, victim recipes."""
+    used = table.used
+    tests = {}
+    for s in used:
+        tests.setdefault(s["dataset"], set()).add(s["test_cases"])
+    recipes = {}
+    for s in used:
+        recipes.setdefault(s["victim"], set()).add(_recipe_text(s["recipe"]))
+    test_text = "; ".join(
+        f"{dataset}: {' or '.join(str(count) for count in sorted(counts, key=str))} clean held-out cases"
+        for dataset, counts in sorted(tests.items())
+    )
+    recipe_text = "; ".join(f"{victim}: {' / '.join(sorted(texts))}" for victim, texts in sorted(recipes.items()))
+    seen = (
+        " PSNR and SSIM: protected training copy vs its clean twin over the whole volume (n/a: not measured, "
+        "e.g. clean data)." if "psnr_db_volume" in table.metrics else ""
+    )
+    return (
+        f"From {len(used)} results.json file(s); {table.scope}. Test sets: {test_text}. Victim recipes: "
+        f"{recipe_text}. DSC: mean over regions and test cases; HD95 in mm.{seen} "
+        "A cell with several results (e.g. seeds) shows their mean and n; -: no result."
+    )
+
+
+def _markdown(table: _Table) -> str:
+    headers = [table.row_name] + [
+        f"{' '.join(group)} {METRICS[metric][0]}" for group in table.groups for metric in table.metrics
+    ]
+    lines = [f"## {table.title}", "", "| " + " | ".join(headers) + " |", "|" + " --- |" * len(headers)]
+    for row in table.rows:
+        cells = [
+            _format(_cell(table.cells[(row, group)], metric), METRICS[metric][1])
+            if (row, group) in table.cells else "-"
+            for group in table.groups
+            for metric in table.metrics
+        ]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return "\n".join(lines + ["", _note(table), ""])
+
+
+def _json_rows(table: _Table) -> list[dict]:
+    rows = []
+    for row in table.rows:
+        for group in table.groups:
+            if (row, group) not in table.cells:
+                continue
+            summaries = table.cells[(row, group)]
+            rows.append({
+                table.row_name: row,
+                **dict(zip(table.group_names, group)),
+                "results": len(summaries),
+                "sources": [s["source"] for s in summaries],
+                **{metric: _cell(summaries, metric) for metric in table.metrics},
+            })
+    return rows
+
+
+def _render(built: list[_Table]) -> str:
+    return "\n".join(_markdown(table) for table in built)
+
+
+def tables(results: list[dict]) -> str:
+    """
+    The paper's tables as Markdown, each only when it has rows:
+
+    - Table 1, method x dataset: DSC (%), HD95 (mm), PSNR (dB) and SSIM over the whole volume, for
+      the 3D UNet victim and fully trained generators (both loss weights > 0, or no training record).
+    - Table 2, victim x (dataset, method): DSC and HD95, fully trained generators.
+    - Table 3, ablation of the voxshield generator's losses (from protection.generator.training):
+      full, w/o L_SPD (lambda_spd 0), w/o L_ISC (lambda_isc 0), with the clean reference row; UNet victim;
+      only when there is a voxshield result.
+
+    A cell with several results (e.g. seeds) shows their mean and ``(n=...)``, n counting the
+    results that have that metric; "-" marks no result, "n/a" a metric that none of them has.
+    A note under each table gives the test sets and victim recipes the numbers come from.
+
+    Args:
+        results: as returned by collect_results.
+    """
+    return _render(_paper_tables([_summary(result) for result in results]))
+
+
+def write_report(paths: str | os.PathLike | Sequence[str | os.PathLike], output_dir: str | os.PathLike) -> dict:
+    """
+    Write OUTPUT/tables.md (see tables) and OUTPUT/report.json, the same numbers as rows: one per
+    table row and column group, with each metric's ``{"mean", "n", "results"}``.
+
+    Args:
+        paths: results.json files or folders holding them (see collect_results).
+        output_dir: created if missing.
+
+    Returns:
+        the report.json content.
+    """
+    results = collect_results(paths)
+    summaries = [_summary(result) for result in results]
+    built = _paper_tables(summaries)
+    report = {
+        "format": REPORT_FORMAT,
+        "sources": [result["source"] for result in results],
+        "metrics": {metric: header for metric, (header, _) in METRICS.items()},
+        "tables": {
+            table.key: {"title": table.title, "note": _note(table), "rows": _json_rows(table)} for table in built
+        },
+    }
+    output = Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    write_atomic(output / TABLES_NAME, _render(built).encode())
+    write_atomic(output / REPORT_NAME, json.dumps(report, indent=1).encode())
+    return report
+
+
+# ---- figures ------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class CasePair:
+    """A case and its protected twin, both normalised with the clean case's normalisation (C, H, W, D),
+    and the label (H, W, D)."""
+
+    case_id: str
+    clean: np.ndarray
+    protected: np.ndarray
+    label: np.ndarray
+
+
+def load_pair(clean_dir: str | os.PathLike, protected_dir: str | os.PathLike, case_id: str | None = None) -> CasePair:
+    """
+    Load a case of a protected dataset and of its clean source (the same relative paths).
+
+    Args:
+        clean_dir: the source dataset.
+        protected_dir: its protected copy, holding voxshield_manifest.json.
+        case_id: a case of the manifest; None takes the first.
+
+    Raises:
+        VoxShieldInputError: for a missing or unreadable manifest, or a case id it does not list.
+    """
+    protected_root = Path(protected_dir).expanduser().resolve()
+    manifest_path = protected_root / MANIFEST_NAME
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        entries = {str(entry["case_id"]): entry for entry in manifest["cases"]}
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as error:
+        raise VoxShieldInputError(f"{manifest_path}: missing or unreadable protection manifest ({error}).") from error
+    if not entries:
+        raise VoxShieldInputError(f"{manifest_path}: the manifest lists no cases.")
+    case_id = next(iter(entries)) if case_id is None else str(case_id)  # the CLI may pass a number
+    if case_id not in entries:
+        raise VoxShieldInputError(f"{protected_root}: no case {case_id!r} in the protected dataset.")
+    entry = entries[case_id]
+    case = Case(case_id, list(entry["images"]), entry["label"])
+    spec = open_dataset(clean_dir)
+    recorded = manifest.get("dataset") or {}
+    if recorded:  # normalise as protect did, even if it was given non-default settings
+        spec = dataclasses.replace(
+            spec,
+            normalisation=list(recorded.get("normalisation", spec.normalisation)),
+            ct_window=tuple(recorded.get("ct_window_hu", spec.ct_window)),
+            mri_percentiles=tuple(recorded.get("mri_percentiles", spec.mri_percentiles)),
+        )
+    clean = load_case(spec, case, allow_empty_label=True)
+    protected = load_case(dataclasses.replace(spec, root=protected_root), case, allow_empty_label=True)
+    if protected.image.shape != clean.image.shape:
+        raise VoxShieldInputError(f"{protected_root}: case {case_id!r} has another shape than in {spec.root}.")
+    return CasePair(
+        case_id,
+        normalise(clean.image, clean.offsets, clean.scales),
+        normalise(protected.image, clean.offsets, clean.scales),
+        clean.label,
+    )
+
+
+def roi_slices(label: np.ndarray, num_slices: int) -> list[int]:
+    """``num_slices`` consecutive axial (last axis) indices centred on the ROI's centre of mass
+    (the volume's centre for an empty label), kept inside the volume."""
+    depth = label.shape[-1]
+    if not 1 <= num_slices <= depth:
+        raise ValueError(f"num_slices must be between 1 and the volume depth {depth}, got {num_slices}.")
+    foreground = np.nonzero(label > 0)[-1]
+    centre = int(round(foreground.mean())) if foreground.size else depth // 2
+    first = min(max(centre - num_slices // 2, 0), depth - num_slices)
+    return list(range(first, first + num_slices))
+
+
+def _delta_slices(pair: CasePair, num_slices: int, channel: int) -> tuple[list[int], np.ndarray]:
+    if not 0 <= channel < pair.clean.shape[0]:
+        raise ValueError(f"channel {channel} out of range: case {pair.case_id} has {pair.clean.shape[0]} channel(s).")
+    indices = roi_slices(pair.label, num_slices)
+    delta = pair.protected[channel] - pair.clean[channel]
+    return indices, np.moveaxis(delta[..., indices], -1, 0)
+
+
+def perturbation_slices(
+    clean_dir: str | os.PathLike, protected_dir: str | os.PathLike, case_id: str | None = None,
+    num_slices: int = 4, channel: int = 0,
+) -> tuple[list[int], np.ndarray]:
+    """
+    The perturbation (protected - clean, normalised units) on the axial slices that
+    perturbation_figure shows.
+
+    Returns:
+        (slice indices, array (num_slices, H, W)).
+    """
+    return _delta_slices(load_pair(clean_dir, protected_dir, case_id), num_slices, channel)
+
+
+def _show(axis, image: np.ndarray, **style):
+    """Axial slice (H, W) with the first array axis horizontal, as viewers display RAS volumes."""
+    axis.set_xticks([])
+    axis.set_yticks([])
+    return axis.imshow(image.T, origin="lower", interpolation="nearest", **style)
+
+
+def _save(figure: Figure, output_png: str | os.PathLike) -> Path:
+    path = Path(output_png)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(figure)  # explicit Agg canvas: no display, no pyplot global state
+    figure.savefig(path, dpi=100)
+    return path
+
+
+def perturbation_figure(
+    clean_dir: str | os.PathLike, protected_dir: str | os.PathLike, case_id: str | None, output_png: str | os.PathLike,
+    num_slices: int = 4, channel: int = 0,
+) -> Path:
+    """
+    Fig. 3-style PNG of one case's perturbation on ``num_slices`` consecutive axial slices through
+    the ROI centre: top row the perturbation (protected - clean, normalised with the clean case's
+    normalisation) on a symmetric colour map at +-max|delta| of the shown slices; bottom row each
+    slice's 2D amplitude spectrum (log10, fftshifted) on one shared scale, so flicker between
+    slices shows as changing spectra.
+
+    Args:
+        clean_dir, protected_dir, case_id: see load_pair.
+        output_png: the PNG to write.
+        num_slices: consecutive slices shown.
+        channel: image channel shown.
+
+    Returns:
+        the PNG's path.
+    """
+    pair = load_pair(clean_dir, protected_dir, case_id)
+    indices, deltas = _delta_slices(pair, num_slices, channel)
+    limit = float(np.abs(deltas).max()) or 1.0  # an unchanged case still gets a valid colour scale
+    amplitudes = np.abs(np.fft.fftshift(np.fft.fft2(deltas, axes=(1, 2)), axes=(1, 2)))
+    floor = float(amplitudes.max()) * 1e-6 or 1e-12  # log of an exact zero has no colour
+    spectra = np.log10(np.maximum(amplitudes, floor))
+
+    figure = Figure(figsize=(3 * num_slices + 1.5, 6.5), layout="constrained")
+    axes = figure.subplots(2, num_slices, squeeze=False)
+    for column, index in enumerate(indices):
+        delta_image = _show(axes[0, column], deltas[column], cmap="RdBu_r", vmin=-limit, vmax=limit)
+        axes[0, column].set_title(f"perturbation, slice {index}")
+        spectrum_image = _show(axes[1, column], spectra[column], cmap="viridis", vmin=spectra.min(), vmax=spectra.max())
+        axes[1, column].set_title(f"amplitude spectrum, slice {index}")
+    figure.colorbar(delta_image, ax=axes[0, :], label="protected - clean (normalised)")
+    figure.colorbar(spectrum_image, ax=axes[1, :], label="log10 |FFT|")
+    figure.suptitle(f"Case {pair.case_id}, channel {channel}: perturbation and its spectrum on axial slices")
+    return _save(figure, output_png)
+
+
+def comparison_figure(
+    clean_dir: str | os.PathLike, protected_dir: str | os.PathLike, case_id: str | None, output_png: str | os.PathLike,
+    channel: int = 0, amplification: float = 20,
+) -> Path:
+    """
+    PNG of the ROI-centre axial slice: clean, protected (same grey scale, [0, 1] normalised) and the
+    difference (protected - clean) multiplied by ``amplification`` on a symmetric colour map over the
+    same +-1 range, so it reads against the image's intensity scale.
+
+    Args:
+        clean_dir, protected_dir, case_id: see load_pair.
+        output_png: the PNG to write.
+        channel: image channel shown.
+        amplification: factor applied to the difference (given in its title).
+
+    Returns:
+        the PNG's path.
+    """
+    pair = load_pair(clean_dir, protected_dir, case_id)
+    (index,), delta = _delta_slices(pair, 1, channel)
+    figure = Figure(figsize=(12, 4.5), layout="constrained")
+    axes = figure.subplots(1, 3)
+    grey = {"cmap": "gray", "vmin": 0.0, "vmax": 1.0}
+    image = _show(axes[0], pair.clean[channel][..., index], **grey)
+    axes[0].set_title(f"clean, slice {index}")
+    _show(axes[1], pair.protected[channel][..., index], **grey)
+    axes[1].set_title(f"protected, slice {index}")
+    figure.colorbar(image, ax=axes[:2], label="normalised intensity")
+    difference = _show(axes[2], amplification * delta[0], cmap="RdBu_r", vmin=-1.0, vmax=1.0)
+    axes[2].set_title(f"difference x{amplification:g} (protected - clean)")
+    figure.colorbar(difference, ax=axes[2], label=f"{amplification:g} x (protected - clean)")
+    figure.suptitle(f"Case {pair.case_id}, channel {channel}")
+    return _save(figure, output_png)
+
+
+def write_figures(
+    clean_dir: str | os.PathLike | None, protected_dir: str | os.PathLike | None, output_dir: str | os.PathLike,
+    case_id: str | None = None, num_slices: int = 4, channel: int = 0, amplification: float = 20,
+) -> list[Path]:
+    """
+    The report bundle's figures: OUTPUT/perturbation.png and OUTPUT/comparison.png, or nothing when
+    neither dataset is given.
+
+    Raises:
+        VoxShieldInputError: when only one of ``clean_dir`` and ``protected_dir`` is given.
+    """
+    if clean_dir is None and protected_dir is None:
+        return []
+    if clean_dir is None or protected_dir is None:
+        raise VoxShieldInputError(f"{clean_dir or protected_dir}: figures need both --clean_dir and --protected_dir.")
+    output = Path(output_dir)
+    return [
+        perturbation_figure(clean_dir, protected_dir, case_id, output / PERTURBATION_FIGURE, num_slices, channel),
+        comparison_figure(clean_dir, protected_dir, case_id, output / COMPARISON_FIGURE, channel, amplification),
+    ]

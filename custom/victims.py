@@ -1,0 +1,287 @@
+"""
+Victim segmentation networks: the architectures trained on a protected copy of a dataset and then
+evaluated on clean data, to measure how unlearnable the copy is.
+
+``build_victim(name, in_channels, out_channels, patch_size)`` returns a network that maps a batch
+``(B, in_channels, *patch_size)`` to logits ``(B, out_channels, *patch_size)``, always one tensor.
+All six are 3D. Their sizes are chosen so that each one trains on 64x64x32 patches on a 2-core CPU
+in minutes, while keeping the defining structure of its architecture (number of resolution levels,
+skip pattern, transformer placement); a GPU run can use the same definitions.
+
+==================  ======================================================================  ========
+name                configuration                                                           multiple
+==================  ======================================================================  ========
+``unet``            MONAI ``UNet``: channels (16, 32, 64, 128, 256), strides (2, 2, 2, 2),  16
+                    2 residual units per level, instance norm (the surrogate's topology at
+                    half its widths).
+``attention_unet``  MONAI ``AttentionUnet`` (Oktay et al. 2018): the same channels and      16
+                    strides, attention gates on every skip. MONAI hard-codes batch norm in
+                    it (kept: this is what a user of MONAI's AttentionUnet trains).
+``unetpp``          MONAI ``BasicUNetPlusPlus`` (Zhou et al. 2018): features                16
+                    (16, 16, 32, 64, 128, 16), no deep supervision, instance norm; MONAI
+                    returns a one-element list, unwrapped here to a tensor.
+``transunet``       ``TransUNet3D`` below (Chen et al. 2021; MONAI has no 3D TransUNet):      16
+                    residual CNN encoder to 1/16 (channels 16, 32, 64, 128), hidden size
+                    192, 4 heads, 4 transformer layers over the 1/16 tokens, cascaded
+                    upsampling decoder (64, 32, 16, 16) with skips at 1/8, 1/4, 1/2.
+``unetr``           MONAI ``UNETR`` (Hatamizadeh et al. 2022): 16^3 patches, feature size    16
+                    16, hidden size 256, MLP 1024, 8 heads (MONAI fixes 12 layers); a
+                    narrower ViT than the paper's ViT-B (768 / 3072 / 12).
+``swinunetr``       MONAI ``SwinUNETR`` (Hatamizadeh et al. 2022): feature size 24 (half the  32
+                    paper's 48), depths (2, 2, 2, 2), heads (3, 6, 12, 24), window 7,
+                    patch 2.
+==================  ======================================================================  ========
+
+Every spatial dimension of ``patch_size`` must be a multiple of the number in the last column (the
+total downsampling of the network); ``build_victim`` checks it up front and raises a ``ValueError``
+naming the architecture and the multiple. ``transunet`` and ``unetr`` learn one position embedding
+per token of ``patch_size``, so they only accept inputs of exactly ``patch_size``: infer with a
+sliding window of ``roi_size=patch_size``. The others accept any multiple of their number.
+
+The CPU cost of one forward + backward step (batch 2, 64x64x32, 1 channel in, 2 out) is reported in
+``docs``/the bundle READMEs where it matters; on the 2-core development machine it ranged from a
+fraction of a second (unetpp, transunet) to a few seconds (swinunetr).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from monai.networks.blocks import Convolution, TransformerBlock, UnetBasicBlock, UnetResBlock, UpSample
+from monai.networks.nets import UNETR, AttentionUnet, BasicUNetPlusPlus, SwinUNETR, UNet
+from torch import nn
+
+VICTIMS = ("unet", "attention_unet", "unetpp", "transunet", "unetr", "swinunetr")
+
+# The multiple every spatial dimension of the patch must be, per victim (its total downsampling).
+_MULTIPLE = {"unet": 16, "attention_unet": 16, "unetpp": 16, "transunet": 16, "unetr": 16, "swinunetr": 32}
+
+
+def _check_patch(architecture: str, patch_size: Sequence[int], multiple: int) -> tuple[int, int, int]:
+    """``patch_size`` as a 3-tuple of ints, or a ValueError naming ``architecture`` and ``multiple``."""
+    size = tuple(int(s) for s in patch_size)
+    if len(size) != 3 or any(s <= 0 for s in size):
+        raise ValueError(f"{architecture} is a 3D network: patch_size must be 3 positive ints, got {tuple(patch_size)}")
+    if any(s % multiple for s in size):
+        raise ValueError(
+            f"{architecture} needs every spatial dimension of patch_size to be a multiple of {multiple} "
+            f"(its total downsampling), got {size}"
+        )
+    return size
+
+
+class _FirstOutput(nn.Module):
+    """Wraps a network that returns a list of outputs (MONAI's BasicUNetPlusPlus) and returns the first."""
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(x)[0]
+
+
+class _CupBlock(nn.Module):
+    """
+    One block of TransUNet's cascaded upsampler: trilinear x2 upsampling, concatenation of the encoder
+    skip (if any) and two 3x3x3 conv-norm-ReLU layers (MONAI ``UnetBasicBlock``).
+    """
+
+    def __init__(self, in_channels: int, skip_channels: int, out_channels: int, norm_name: str | tuple) -> None:
+        super().__init__()
+        self.upsample = UpSample(3, in_channels, in_channels, scale_factor=2, mode="nontrainable",
+                                 interp_mode="trilinear", align_corners=False)
+        self.conv = UnetBasicBlock(3, in_channels + skip_channels, out_channels, kernel_size=3, stride=1,
+                                   norm_name=norm_name, act_name="relu")
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.upsample(x)
+        if skip is not None:
+            x = torch.cat([x, skip], dim=1)
+        return self.conv(x)
+
+
+class TransUNet3D(nn.Module):
+    """
+    A 3D TransUNet (Chen et al. 2021, "TransUNet: Transformers Make Strong Encoders for Medical Image
+    Segmentation"), built from MONAI blocks: a CNN encoder, a transformer over the tokens of its
+    lowest-resolution feature map, and a cascaded upsampler (CUP) fed with the encoder's skips.
+
+    With ``n = len(encoder_channels)`` stages and ``x`` of shape ``(B, in_channels, D, H, W)``:
+
+    1. CNN encoder. Stage ``i`` (``i = 0 .. n-1``) is a stride-2 MONAI ``UnetResBlock`` followed by a
+       stride-1 one, giving ``e_i`` of shape ``(B, encoder_channels[i], D/2^(i+1), H/2^(i+1), W/2^(i+1))``.
+       (The paper's R50 encoder stops at 1/16 too, with skips at 1/2, 1/4 and 1/8.)
+    2. Tokens. ``e_{n-1}`` at ``(d, h, w) = (D, H, W) / 2^n`` is flattened to ``N = d*h*w`` positions and
+       linearly projected to ``hidden_size`` (the paper's hybrid patch embedding with patch size 1),
+       plus a learned position embedding of shape ``(1, N, hidden_size)``: ``(B, N, hidden_size)``.
+    3. ``num_layers`` MONAI ``TransformerBlock`` (pre-norm multi-head self-attention + MLP, qkv bias as
+       in ViT), then a LayerNorm: every token attends to every other, so the bottleneck sees the whole
+       patch.
+    4. Reshape back to ``(B, hidden_size, d, h, w)``; a 3x3x3 conv-norm-ReLU maps it to
+       ``head_channels`` (the paper's ``conv_more``).
+    5. Cascaded upsampler: ``n`` blocks of trilinear x2 upsampling, concatenation of ``e_{n-2-j}`` (no
+       skip for the last block, which reaches full resolution), two 3x3x3 conv-norm-ReLU layers, with
+       ``decoder_channels[j]`` channels.
+    6. A 1x1x1 conv to ``out_channels`` logits: ``(B, out_channels, D, H, W)``.
+
+    The position embedding fixes the input size to ``img_size``; infer with a sliding window of that
+    ROI size. Dropout is off by default (the paper's ViT uses 0.1), batch norm is replaced by instance
+    norm (small 3D batches), and widths are far below the paper's R50-ViT-B (hidden 768, 12 layers) so
+    that the network trains on a CPU.
+
+    Args:
+        in_channels: number of input channels.
+        out_channels: number of output channels (logits, e.g. classes including background).
+        img_size: the 3D input size ``(D, H, W)``; every dimension must be a multiple of ``2**n``.
+        encoder_channels: channels of the CNN encoder stages; its length ``n`` is the number of stride-2
+            stages (total stride ``2**n``).
+        hidden_size: transformer width (token dimension); a multiple of ``num_heads``.
+        mlp_dim: hidden width of each transformer block's MLP.
+        num_heads: number of attention heads.
+        num_layers: number of transformer blocks.
+        head_channels: channels of the conv between the transformer and the decoder.
+        decoder_channels: channels of the ``n`` decoder blocks, coarsest first.
+        dropout_rate: dropout of the token embedding and inside the transformer blocks.
+        norm_name: normalisation of the convolutional blocks (MONAI name, e.g. ``"instance"``).
+
+    Raises:
+        ValueError: if ``img_size`` is not 3D or not divisible by ``2**n``, if ``decoder_channels`` and
+            ``encoder_channels`` differ in length, or if ``hidden_size`` is not a multiple of ``num_heads``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        img_size: Sequence[int],
+        encoder_channels: Sequence[int] = (16, 32, 64, 128),
+        hidden_size: int = 192,
+        mlp_dim: int = 768,
+        num_heads: int = 4,
+        num_layers: int = 4,
+        head_channels: int = 128,
+        decoder_channels: Sequence[int] = (64, 32, 16, 16),
+        dropout_rate: float = 0.0,
+        norm_name: str | tuple = "instance",
+    ) -> None:
+        super().__init__()
+        stages = len(encoder_channels)
+        if stages < 1:
+            raise ValueError("TransUNet3D needs at least one encoder stage")
+        if len(decoder_channels) != stages:
+            raise ValueError(
+                f"TransUNet3D needs one decoder block per encoder stage: got {len(encoder_channels)} encoder "
+                f"and {len(decoder_channels)} decoder channels"
+            )
+        if hidden_size % num_heads:
+            raise ValueError(f"TransUNet3D hidden_size {hidden_size} must be a multiple of num_heads {num_heads}")
+        self.total_stride = 2**stages
+        self.img_size = _check_patch("transunet", img_size, self.total_stride)
+        self.grid_size = tuple(s // self.total_stride for s in self.img_size)
+        self.num_tokens = math.prod(self.grid_size)
+        self.hidden_size = hidden_size
+
+        encoder = []
+        previous = in_channels
+        for channels in encoder_channels:
+            encoder.append(nn.Sequential(
+                UnetResBlock(3, previous, channels, kernel_size=3, stride=2, norm_name=norm_name, act_name="relu"),
+                UnetResBlock(3, channels, channels, kernel_size=3, stride=1, norm_name=norm_name, act_name="relu"),
+            ))
+            previous = channels
+        self.encoder = nn.ModuleList(encoder)
+
+        self.patch_embedding = nn.Linear(encoder_channels[-1], hidden_size)
+        self.position_embedding = nn.Parameter(torch.zeros(1, self.num_tokens, hidden_size))
+        nn.init.trunc_normal_(self.position_embedding, std=0.02)
+        self.embedding_dropout = nn.Dropout(dropout_rate)
+        self.transformer = nn.ModuleList(
+            TransformerBlock(hidden_size, mlp_dim, num_heads, dropout_rate=dropout_rate, qkv_bias=True)
+            for _ in range(num_layers)
+        )
+        self.transformer_norm = nn.LayerNorm(hidden_size)
+
+        self.conv_more = Convolution(3, hidden_size, head_channels, kernel_size=3, act="relu", norm=norm_name)
+        skips = list(encoder_channels[-2::-1]) + [0]  # e_{n-2}, ..., e_0, then none at full resolution
+        decoder = []
+        previous = head_channels
+        for skip, channels in zip(skips, decoder_channels):
+            decoder.append(_CupBlock(previous, skip, channels, norm_name))
+            previous = channels
+        self.decoder = nn.ModuleList(decoder)
+        self.segmentation_head = Convolution(3, previous, out_channels, kernel_size=1, conv_only=True)
+
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The encoder features ``[e_0, ..., e_{n-1}]``, finest first."""
+        features = []
+        for stage in self.encoder:
+            x = stage(x)
+            features.append(x)
+        return features
+
+    def tokenize(self, features: torch.Tensor) -> torch.Tensor:
+        """``(B, C, d, h, w)`` bottleneck features to ``(B, N, hidden_size)`` embedded tokens (position-wise)."""
+        tokens = self.patch_embedding(features.flatten(2).transpose(1, 2))
+        return self.embedding_dropout(tokens + self.position_embedding)
+
+    def transform(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The transformer stack and its final LayerNorm: ``(B, N, hidden_size)`` to the same shape."""
+        for block in self.transformer:
+            tokens = block(tokens)
+        return self.transformer_norm(tokens)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[2:]) != self.img_size:
+            raise ValueError(
+                f"TransUNet3D was built for inputs of spatial size {self.img_size} (its position embedding), "
+                f"got {tuple(x.shape[2:])}; use a sliding window of that size"
+            )
+        features = self.encode(x)
+        tokens = self.transform(self.tokenize(features[-1]))
+        x = tokens.transpose(1, 2).reshape(x.shape[0], self.hidden_size, *self.grid_size)
+        x = self.conv_more(x)
+        skips = features[-2::-1] + [None]
+        for block, skip in zip(self.decoder, skips):
+            x = block(x, skip)
+        return self.segmentation_head(x)
+
+
+def build_victim(name: str, in_channels: int, out_channels: int, patch_size: Sequence[int]) -> nn.Module:
+    """
+    A victim network by name (one of ``VICTIMS``; configurations in this module's docstring).
+
+    Args:
+        name: the architecture, one of ``VICTIMS``.
+        in_channels: input channels (modalities).
+        out_channels: output logit channels (classes including background).
+        patch_size: the 3D training patch ``(D, H, W)``; every dimension must be a multiple of the
+            architecture's total downsampling (16, or 32 for ``swinunetr``). ``transunet`` and
+            ``unetr`` are built for exactly this input size.
+
+    Returns:
+        a module mapping ``(B, in_channels, *patch_size)`` to ``(B, out_channels, *patch_size)`` logits.
+
+    Raises:
+        ValueError: for an unknown ``name`` (the message lists ``VICTIMS``) or a ``patch_size`` that is
+            not 3D or not a multiple of what the architecture needs (the message names both).
+    """
+    if name not in _MULTIPLE:
+        raise ValueError(f"unknown victim {name!r}; choose one of {', '.join(VICTIMS)}")
+    size = _check_patch(name, patch_size, _MULTIPLE[name])
+    if name == "unet":
+        return UNet(3, in_channels, out_channels, channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2),
+                    num_res_units=2, norm="INSTANCE")
+    if name == "attention_unet":
+        return AttentionUnet(3, in_channels, out_channels, channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2))
+    if name == "unetpp":
+        return _FirstOutput(BasicUNetPlusPlus(3, in_channels, out_channels, features=(16, 16, 32, 64, 128, 16),
+                                              deep_supervision=False))
+    if name == "transunet":
+        return TransUNet3D(in_channels, out_channels, size)
+    if name == "unetr":
+        return UNETR(in_channels, out_channels, img_size=size, feature_size=16, hidden_size=256, mlp_dim=1024,
+                     num_heads=8, norm_name="instance")
+    return SwinUNETR(in_channels, out_channels, feature_size=24)

@@ -1,0 +1,89 @@
+"""The evaluate workflow: held-out split, regions, and an end-to-end run on tiny data."""
+
+import json
+import math
+
+import pytest
+
+from conftest import run_bundle
+from custom.data import open_dataset
+from custom.evaluate import BRATS_REGIONS, evaluation_regions, held_out_split
+from custom.nifti_io import VoxShieldInputError
+from test_protect import protector
+
+
+def msd_copy(flare_data, root, test_ids):
+    """The flare demo as an MSD dataset whose "test" list holds ``test_ids``."""
+    entries = {"training": [], "test": []}
+    for case in open_dataset(flare_data).cases:
+        for name in case.images + [case.label]:
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_bytes((flare_data / name).read_bytes())
+        entry = {"image": case.images[0], "label": case.label}
+        entries["test" if case.case_id in test_ids else "training"].append(entry)
+    meta = {"name": "tiny", "modality": {"0": "CT"},
+            "labels": {"0": "background", "1": "liver", "2": "kidney", "3": "spleen", "4": "pancreas"}, **entries}
+    (root / "dataset.json").write_text(json.dumps(meta))
+    return root
+
+
+def test_held_out_split(flare_data, tmp_path):
+    msd = msd_copy(flare_data, tmp_path / "msd", {"train_002"})
+    train, test = held_out_split(str(msd), str(msd))
+    assert [c.case_id for c in test.cases] == ["train_002_0000"]
+    assert [c.case_id for c in train.cases] == ["train_000_0000", "train_001_0000"]
+    # A protected copy of the whole dataset: test ids named explicitly never reach training.
+    train, test = held_out_split(str(flare_data), str(flare_data), ["train_001"])
+    assert [c.case_id for c in train.cases] == ["train_000", "train_002"]
+    listing = tmp_path / "test.txt"
+    listing.write_text("train_000\ntrain_002\n")
+    train, test = held_out_split(str(flare_data), str(flare_data), str(listing))
+    assert [c.case_id for c in train.cases] == ["train_001"] and len(test.cases) == 2
+    with pytest.raises(VoxShieldInputError, match=r"test cases \['nope'\] not found"):
+        held_out_split(str(flare_data), str(flare_data), ["nope"])
+    with pytest.raises(VoxShieldInputError, match="flare layout has no test list; give --test_list"):
+        held_out_split(str(flare_data), str(flare_data))
+    with pytest.raises(VoxShieldInputError, match="no training cases left"):
+        held_out_split(str(flare_data), str(flare_data), ["train_000", "train_001", "train_002"])
+
+
+def test_regions(flare_data, brats_data):
+    assert evaluation_regions(open_dataset(brats_data)) == BRATS_REGIONS
+    assert evaluation_regions(open_dataset(flare_data)) == {"liver": [1], "kidney": [2], "spleen": [3], "pancreas": [4]}
+
+
+def test_evaluate_end_to_end(flare_data, tmp_path, random_checkpoints):
+    protected = tmp_path / "protected"
+    manifest = protector(flare_data, protected, random_checkpoints[1], 1).run()
+    runs = {}
+    for kind, train_dir in (("clean", flare_data), ("protected", protected)):
+        result = run_bundle(
+            "evaluate", "--train_dir", str(train_dir), "--test_dir", str(flare_data), "--test_list", "['train_002']",
+            "--epochs", "1", "--patch_size", "[32,32,16]", "--output_dir", str(tmp_path / kind),
+            config="evaluate.json",
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[kind] = json.loads((tmp_path / kind / "results.json").read_text())
+        assert (tmp_path / kind / "results.md").read_text().startswith("# Victim unet")
+        assert list((tmp_path / kind / "tensorboard").glob("events.out.tfevents.*"))
+    clean, attacked = runs["clean"], runs["protected"]
+    assert clean["run"]["method"] == "clean" and clean["imperceptibility"] is None
+    assert attacked["run"]["method"] == "voxshield"
+    assert attacked["protection"]["generator"]["sha256"] == manifest["generator"]["sha256"]
+    for results in runs.values():
+        assert results["run"]["test_cases"] == ["train_002"] and results["run"]["train_cases"] == 2
+        assert results["recipe"]["iterations"] == 1 and results["recipe"]["augmentation"] is False
+        case = results["metrics"]["cases"][0]
+        diagonal = math.sqrt((32 * 0.8) ** 2 + (32 * 0.8) ** 2 + (16 * 2.5) ** 2)
+        for region in case["regions"].values():
+            assert 0 <= region["dice"] <= 1 and 0 <= region["hd95_mm"] <= diagonal + 1e-9
+        assert {"train", "evaluate", "total"} <= set(results["wall_time_s"])
+        assert results["hardware"]["cpu_cores"] >= 1
+    # Imperceptibility measured by evaluate agrees with what protect wrote in its manifest.
+    by_case = {record["case_id"]: record for record in manifest["cases"]}
+    for record in attacked["imperceptibility"]["cases"]:
+        expected = by_case[record["case_id"]]
+        for key in ("psnr_db_volume", "psnr_db_roi", "ssim_3d_volume", "ssim_3d_roi", "fraction_voxels_changed"):
+            assert record[key] == pytest.approx(expected[key], rel=1e-6), key
+    assert {r["case_id"] for r in attacked["imperceptibility"]["cases"]} == {"train_000", "train_001"}
+    assert attacked["imperceptibility"]["aggregate"]["psnr_db_volume"] > 40

@@ -1,0 +1,216 @@
+"""Report tables from synthetic results.json files, and the figures of a hand-made protected copy."""
+
+import json
+import shutil
+
+import matplotlib.image
+import nibabel as nib
+import numpy as np
+import pytest
+
+from conftest import run_bundle
+from custom import report
+from custom.demo import make_demo_dataset
+from custom.nifti_io import VoxShieldInputError
+
+CT_WINDOW = (-175.0, 250.0)
+CHANGE_HU = 6
+
+
+def results_file(folder, method="clean", victim="unet", dataset="FLARE21", dice=0.8, hd95=5.0, psnr=None,
+                 ssim=None, training=None, test_cases=3, epochs=100):
+    """A results.json as custom.evaluate writes it, with only the fields the report reads filled in."""
+    protection = None if method == "clean" else {
+        "method": method, "parameters": {"eps": 4 / 255, "roi_dilation": 0, "squash": "tanh"},
+        "generator": {"checkpoint": "generator.pt", "sha256": "0" * 64, "training": training},
+    }
+    content = {
+        "format": "voxshield-evaluation/1",
+        "run": {"victim": victim, "train_data": "/data/train", "test_data": "/data/test", "dataset_name": dataset,
+                "method": method, "train_cases": 5, "test_cases": [f"case_{i}" for i in range(test_cases)]},
+        "protection": protection,
+        "recipe": {"victim": victim, "epochs": epochs, "iterations": 4 * epochs, "augmentation": False},
+        "metrics": {"aggregate": {"regions": {}, "mean_dice": dice, "mean_hd95_mm": hd95,
+                                  "empty_prediction_cases": 0, "cases": test_cases}, "cases": []},
+        "imperceptibility": None if psnr is None else {"aggregate": {
+            "psnr_db_volume": psnr, "psnr_db_roi": None, "ssim_3d_volume": ssim, "ssim_3d_roi": None,
+            "fraction_voxels_changed": 0.1}, "cases": []},
+        "software": {}, "hardware": {}, "wall_time_s": {"train": 1.0, "evaluate": 1.0, "total": 2.0},
+    }
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps(content))
+    return folder / "results.json"
+
+
+def full(spd=0.05, isc=0.2):
+    return {"lambda_spd": spd, "lambda_isc": isc, "isc_normalisation": "relative", "epochs": 50}
+
+
+@pytest.fixture
+def results_dir(tmp_path):
+    root = tmp_path / "runs"
+    results_file(root / "clean_unet", dice=0.80, hd95=5.0)
+    results_file(root / "vox_unet_seed0", "voxshield", dice=0.10, hd95=40.0, psnr=44.0, ssim=0.99, training=full())
+    results_file(root / "vox_unet_seed1", "voxshield", dice=0.20, hd95=30.0, psnr=46.0, ssim=0.97, training=full())
+    results_file(root / "no_spd", "voxshield", dice=0.50, hd95=12.0, psnr=45.0, ssim=0.98, training=full(spd=0))
+    results_file(root / "no_isc", "voxshield", dice=0.30, hd95=20.0, psnr=43.0, ssim=0.96, training=full(isc=0.0))
+    results_file(root / "clean_unetr", victim="unetr", dice=0.70, hd95=8.0, epochs=50)
+    results_file(root / "vox_unetr", "voxshield", victim="unetr", dice=0.25, hd95=35.0, psnr=44.0, ssim=0.99,
+                 training=None, epochs=50)
+    return root
+
+
+def markdown_rows(markdown: str, title_start: str) -> dict[str, dict[str, str]]:
+    """The rows of one Markdown table, as {first cell: {header: cell}}."""
+    lines = markdown.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"## {title_start}"))
+    table = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        table.append([cell.strip() for cell in line.strip("|").split("|")])
+    headers = table[0]
+    return {row[0]: dict(zip(headers, row)) for row in table[2:]}
+
+
+def test_tables(results_dir, tmp_path):
+    results = report.collect_results([results_dir, results_dir / "clean_unet" / "results.json"])
+    assert len(results) == 7  # a file named twice counts once
+    markdown = report.tables(results)
+
+    table1 = markdown_rows(markdown, "Table 1")
+    assert list(table1) == ["clean", "voxshield"]
+    assert table1["clean"]["FLARE21 DSC (%)"] == "80.00"
+    assert table1["clean"]["FLARE21 PSNR (dB)"] == "n/a"
+    # two seeds of the full method with the UNet victim; ablations and the UNETR victim stay out
+    assert table1["voxshield"]["FLARE21 DSC (%)"] == "15.00 (n=2)"
+    assert table1["voxshield"]["FLARE21 HD95 (mm)"] == "35.00 (n=2)"
+    assert table1["voxshield"]["FLARE21 PSNR (dB)"] == "45.00 (n=2)"
+    assert table1["voxshield"]["FLARE21 SSIM"] == "0.9800 (n=2)"
+
+    table2 = markdown_rows(markdown, "Table 2")
+    assert list(table2) == ["unet", "unetr"]
+    assert table2["unetr"]["FLARE21 clean DSC (%)"] == "70.00"
+    assert table2["unetr"]["FLARE21 voxshield DSC (%)"] == "25.00"  # no training record: the full method
+    assert table2["unet"]["FLARE21 voxshield HD95 (mm)"] == "35.00 (n=2)"
+    assert list(table2["unet"])[1:] == ["FLARE21 clean DSC (%)", "FLARE21 clean HD95 (mm)",
+                                        "FLARE21 voxshield DSC (%)", "FLARE21 voxshield HD95 (mm)"]
+
+    table3 = markdown_rows(markdown, "Table 3")
+    assert list(table3) == ["clean (reference)", "full", "w/o L_SPD", "w/o L_ISC"]
+    assert table3["w/o L_SPD"]["FLARE21 DSC (%)"] == "50.00"
+    assert table3["w/o L_ISC"]["FLARE21 HD95 (mm)"] == "20.00"
+    assert table3["full"]["FLARE21 SSIM"] == "0.9800 (n=2)"
+    assert "3 clean held-out cases" in markdown and "100 epochs (400 iterations), augmentation off" in markdown
+
+    written = report.write_report(results_dir, tmp_path / "out")
+    assert (tmp_path / "out" / "tables.md").read_text() == markdown
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert saved == written and len(saved["sources"]) == 7
+    row = next(r for r in saved["tables"]["table1"]["rows"] if r["method"] == "voxshield")
+    assert row["dataset"] == "FLARE21" and row["results"] == 2
+    assert row["dsc_percent"] == {"mean": pytest.approx(15.0), "n": 2, "results": 2}
+    unetr = [r for r in saved["tables"]["table2"]["rows"] if r["victim"] == "unetr"]
+    assert [(r["method"], r["hd95_mm"]["mean"]) for r in unetr] == [("clean", 8.0), ("voxshield", 35.0)]
+
+
+def test_tables_only_with_rows(tmp_path):
+    results = report.collect_results(results_file(tmp_path / "a", victim="segresnet"))
+    markdown = report.tables(results)
+    assert "Table 1" not in markdown and "Table 3" not in markdown  # no UNet victim, no ablation
+    assert markdown_rows(markdown, "Table 2")["segresnet"]["FLARE21 clean DSC (%)"] == "80.00"
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "unreadable results file"),
+    (json.dumps({"format": "voxshield-manifest/1"}), "is not 'voxshield-evaluation/1'"),
+    (json.dumps({"format": "voxshield-evaluation/1", "run": {}}), "incomplete results file"),
+])
+def test_bad_results_file(tmp_path, content, message):
+    bad = tmp_path / "bad" / "results.json"
+    bad.parent.mkdir()
+    bad.write_text(content)
+    with pytest.raises(VoxShieldInputError, match=message) as caught:
+        report.collect_results([tmp_path])
+    assert str(bad) in str(caught.value)
+    with pytest.raises(VoxShieldInputError, match="not found"):
+        report.collect_results(tmp_path / "missing")
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory):
+    """A 2-case FLARE demo and a 'protected' copy: +-6 HU inside the label, the sign alternating
+    between axial slices (an inter-slice flicker)."""
+    root = tmp_path_factory.mktemp("figures")
+    clean = make_demo_dataset(root / "clean", "flare", num_cases=2, shape=(32, 32, 16))
+    protected = root / "protected"
+    shutil.copytree(clean, protected)
+    cases = []
+    for label_path in sorted((clean / "TrainingMask").glob("*.nii.gz")):
+        case_id = label_path.name[: -len(".nii.gz")]
+        image_name, label_name = f"TrainingImg/{case_id}_0000.nii.gz", f"TrainingMask/{label_path.name}"
+        image = nib.load(clean / image_name)
+        stored = np.asanyarray(image.dataobj)
+        assert stored.dtype == np.int16
+        signs = np.where(np.arange(stored.shape[2]) % 2 == 0, 1, -1).astype(np.int16)
+        change = (np.asanyarray(nib.load(label_path).dataobj) > 0) * signs * CHANGE_HU
+        changed = nib.Nifti1Image((stored + change).astype(np.int16), image.affine, image.header)
+        nib.save(changed, protected / image_name)
+        cases.append({"case_id": case_id, "images": [image_name], "label": label_name})
+    (protected / "voxshield_manifest.json").write_text(json.dumps({"cases": cases}))
+    return clean, protected, cases[1]
+
+
+def hounsfield(path):
+    return np.asanyarray(nib.load(path).dataobj).astype(np.float64)
+
+
+def test_perturbation_slices(datasets):
+    clean, protected, case = datasets
+    indices, deltas = report.perturbation_slices(clean, protected, case["case_id"], num_slices=4)
+    label = np.asanyarray(nib.load(clean / case["label"]).dataobj) > 0
+    centre = int(round(np.nonzero(label)[2].mean()))
+    assert len(indices) == 4 and indices == list(range(indices[0], indices[0] + 4)) and centre in indices
+    # expected independently: window both volumes to [-175, 250] HU, divide by the width 425 HU
+    before, after = (np.clip(hounsfield(folder / case["images"][0]), *CT_WINDOW) for folder in (clean, protected))
+    expected = np.moveaxis(((after - before) / (CT_WINDOW[1] - CT_WINDOW[0]))[..., indices], -1, 0)
+    np.testing.assert_allclose(deltas, expected, atol=1e-6)
+    assert np.isclose(np.abs(deltas).max(), CHANGE_HU / 425, atol=1e-6)
+    assert (deltas[0] * deltas[1] <= 0).all() and (deltas[0] * deltas[1] < 0).any()  # the sign flickers
+    assert not deltas[~np.moveaxis(label[..., indices], -1, 0)].any()  # nothing outside the label
+
+
+def test_figures(datasets, tmp_path):
+    clean, protected, case = datasets
+    perturbation = report.perturbation_figure(clean, protected, case["case_id"], tmp_path / "a" / "fig3.png",
+                                              num_slices=3)
+    comparison = report.comparison_figure(clean, protected, None, tmp_path / "cmp.png", amplification=30)
+    for path in (perturbation, comparison):
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        pixels = matplotlib.image.imread(path)
+        assert pixels.ndim == 3 and 300 <= pixels.shape[0] <= 1000 and 600 <= pixels.shape[1] <= 2000
+        assert pixels[..., :3].std() > 0.05  # not a blank canvas
+    with pytest.raises(VoxShieldInputError, match=f"{protected}: no case 'nope'"):
+        report.comparison_figure(clean, protected, "nope", tmp_path / "x.png")
+    with pytest.raises(VoxShieldInputError, match="voxshield_manifest.json"):
+        report.perturbation_figure(clean, clean, None, tmp_path / "y.png")
+
+
+def test_report_bundle(results_dir, datasets, tmp_path):
+    clean, protected, _ = datasets
+    output = tmp_path / "report"
+    ran = run_bundle(
+        "report", "--results", repr([str(results_dir / "clean_unet"), str(results_dir / "no_spd" / "results.json")]),
+        "--output_dir", str(output), "--clean_dir", str(clean), "--protected_dir", str(protected),
+        config="report.json",
+    )
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert sorted(path.name for path in output.iterdir()) == ["comparison.png", "perturbation.png", "report.json",
+                                                             "tables.md"]
+    saved = json.loads((output / "report.json").read_text())
+    assert [row["variant"] for row in saved["tables"]["table3"]["rows"]] == ["clean (reference)", "w/o L_SPD"]
+
+    bad = run_bundle("report", "--results", str(tmp_path / "none"), "--output_dir", str(output),
+                     config="report.json", bundle="voxshield_brats")
+    assert bad.returncode != 0
+    assert f"voxshield: error: {tmp_path / 'none'}: results file or folder not found" in bad.stderr
