@@ -47,7 +47,9 @@ def main() -> None:
     parser.add_argument("--generator_epochs", type=int, default=10)
     parser.add_argument("--victim_epochs", type=int, default=15)
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
-    parser.add_argument("--generator_args", default="", help="extra overrides for every generator training run")
+    parser.add_argument("--generator_args", default="",
+                        help="extra overrides for every generator training run (a variant's own override wins)")
+    parser.add_argument("--skip_clean", action="store_true", help="reuse an earlier clean victim result")
     options = parser.parse_args()
 
     data, results, work = Path(options.data), Path(options.results_dir), Path(options.work_dir)
@@ -73,14 +75,15 @@ def main() -> None:
                 "software": software_versions(), "total_wall_time_s": round(time.perf_counter() - started, 1)}
 
     victim = ["--test_dir", str(data), "--epochs", str(options.victim_epochs)]
-    step("victim on clean data", bundle("evaluate", "evaluate.json", "--train_dir", str(data), *victim,
-                                         "--output_dir", str(results / "clean")))
+    if not options.skip_clean:
+            step("victim on clean data", bundle("evaluate", "evaluate.json", "--train_dir", str(data), *victim,
+                                             "--output_dir", str(results / "clean")))
     for variant in options.variants.split(","):
         ckpt, protected = work / variant / "ckpt", work / variant / "protected"
         step(f"generator {variant}", bundle(
             "training", "train.json", "--dataset_dir", str(data), "--lists", "['training']", "--ckpt_dir", str(ckpt),
             "--log_dir", str(work / variant / "logs"), "--epochs", str(options.generator_epochs),
-            *VARIANTS[variant], *shlex.split(options.generator_args)))
+            *shlex.split(options.generator_args), *VARIANTS[variant]))
         step(f"protect {variant}", bundle(
             "protect", "protect.json", "--dataset_dir", str(data), "--lists", "['training']", "--ckpt_dir", str(ckpt),
             "--output_dir", str(protected), "--overwrite", "true"))
