@@ -15,12 +15,16 @@ TRAINING_RECORD = "training_config.json"
 def bundle_root(name: str) -> str:
     """
     The bundle's folder, whatever the working directory: in an exported model-zoo bundle custom/
-    sits inside the bundle itself; in this repository the bundle is bundles/<name>.
+    sits inside the bundle itself; in this repository the bundle is bundles/<name>; an installed
+    package (pip install .) keeps it as package data in custom/bundles/<name>.
     """
-    package_parent = Path(__file__).resolve().parent.parent
-    if (package_parent / "configs" / "metadata.json").is_file():
-        return str(package_parent)
-    return str(package_parent / "bundles" / name)
+    package = Path(__file__).resolve().parent
+    if (package.parent / "configs" / "metadata.json").is_file():
+        return str(package.parent)
+    installed = package / "bundles" / name
+    if not (package.parent / "bundles" / name).is_dir() and installed.is_dir():
+        return str(installed)
+    return str(package.parent / "bundles" / name)
 
 
 def demo_dataset(root: str, layout: str) -> str:

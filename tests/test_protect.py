@@ -2,6 +2,7 @@
 outside-ROI voxels and headers, manifest, atomic and resumable output, refusal to clobber."""
 
 import json
+from pathlib import Path
 import math
 
 import nibabel as nib
@@ -95,9 +96,8 @@ def test_protect_brats_float32_mri(brats_data, tmp_path, random_checkpoints):
     assert nib.load(output / manifest["cases"][0]["images"][0]).get_data_dtype() == np.float32
 
 
-def test_scaled_and_4d_msd_dataset(tmp_path, random_checkpoints):
-    """An MSD dataset with a 4D two-channel float image stored as int16 with scl_slope/inter."""
-    root = tmp_path / "msd"
+def msd_4d_scaled(root: Path) -> Path:
+    """An MSD dataset with one 4D two-channel int16 image stored with scl_slope/inter (MRI normalisation)."""
     (root / "imagesTr").mkdir(parents=True)
     (root / "labelsTr").mkdir()
     rng = np.random.default_rng(0)
@@ -110,9 +110,14 @@ def test_scaled_and_4d_msd_dataset(tmp_path, random_checkpoints):
     nib.save(nib.Nifti1Image(label, affine), root / "labelsTr/case_a.nii.gz")
     (root / "dataset.json").write_text(json.dumps({
         "modality": {"0": "T1", "1": "T2"}, "labels": {"0": "background", "1": "lesion"},
-        "training": [{"image": "./imagesTr/case_a.nii.gz", "label": "./labelsTr/case_a.nii.gz"}],
-        "test": [],
+        "training": [{"image": "./imagesTr/case_a.nii.gz", "label": "./labelsTr/case_a.nii.gz"}], "test": [],
     }))
+    return root
+
+
+def test_scaled_and_4d_msd_dataset(tmp_path, random_checkpoints):
+    """An MSD dataset with a 4D two-channel float image stored as int16 with scl_slope/inter."""
+    root = msd_4d_scaled(tmp_path / "msd")
     output = tmp_path / "out"
     with torch.no_grad():
         net = generator_net(2)
