@@ -23,6 +23,9 @@ DEFAULT_CT_WINDOW = (-175.0, 250.0)
 # Robust MRI range: percentiles of the non-zero voxels.
 DEFAULT_MRI_PERCENTILES = (0.5, 99.5)
 AFFINE_TOLERANCE_MM = 1e-3
+NORMALISATIONS = ("auto", "ct", "mri", "zscore")
+# The authors' code z-scores, clips to +-5 standard deviations and maps that range to [0, 1].
+ZSCORE_CLIP = 5.0
 
 
 @dataclass
@@ -182,7 +185,8 @@ def open_dataset(
         dataset_dir: dataset root.
         layout: ``auto`` (detect), ``msd``, ``nnunetv2``, ``brats`` or ``flare``.
         normalisation: ``auto`` (CT window for channels named CT, MRI percentiles otherwise, from the
-            dataset.json or the layout), or ``ct`` / ``mri`` for every channel.
+            dataset.json or the layout), or ``ct`` / ``mri`` / ``zscore`` (mean +- 5 std of the
+            non-zero voxels, as in the authors' code) for every channel.
         ct_window: HU window mapped to [0, 1] for CT channels.
         mri_percentiles: percentiles of the non-zero voxels mapped to 0 and 1 for MRI channels.
         lists: the MSD dataset.json lists whose labelled entries are used (e.g. only "training" to
@@ -196,8 +200,8 @@ def open_dataset(
         raise VoxShieldInputError(f"{root}: dataset folder not found.")
     if layout not in LAYOUTS:
         raise VoxShieldInputError(f"{root}: unknown layout {layout!r}; expected one of {LAYOUTS}.")
-    if normalisation not in ("auto", "ct", "mri"):
-        raise VoxShieldInputError(f"{root}: unknown normalisation {normalisation!r}; expected auto, ct or mri.")
+    if normalisation not in NORMALISATIONS:
+        raise VoxShieldInputError(f"{root}: unknown normalisation {normalisation!r}; expected one of {NORMALISATIONS}.")
     layout = detect_layout(root) if layout == "auto" else layout
     dataset_json, unlabelled, name = None, [], root.name
     if layout in ("msd", "nnunetv2"):
@@ -268,12 +272,16 @@ def _channel_arrays(spec: DatasetSpec, case: Case, label_shape, label_affine) ->
 
 
 def fit_scaling(values: np.ndarray, kind: str, spec: DatasetSpec) -> tuple[float, float]:
-    """Offset and scale that map a channel's source units to [0, 1]."""
+    """Offset and scale that map a channel's source units to [0, 1]: the CT window; the MRI percentiles
+    of the non-zero voxels; or ("zscore", the authors' code) mean +- 5 standard deviations of them."""
     if kind == "ct":
-        low, high = spec.ct_window
+        return float(spec.ct_window[0]), float(spec.ct_window[1] - spec.ct_window[0])
+    foreground = values[values != 0]
+    foreground = foreground if foreground.size else values
+    if kind == "zscore":
+        low, high = foreground.mean() - ZSCORE_CLIP * foreground.std(), foreground.mean() + ZSCORE_CLIP * foreground.std()
     else:
-        foreground = values[values != 0]
-        low, high = np.percentile(foreground if foreground.size else values, spec.mri_percentiles)
+        low, high = np.percentile(foreground, spec.mri_percentiles)
     return float(low), float(max(high - low, 1e-6))
 
 

@@ -254,3 +254,22 @@ def test_msd_lists_select_cases(tmp_path, flare_data):
     }))
     assert [case.case_id for case in open_dataset(root).cases] == ["train_000", "train_001", "train_002"]
     assert [case.case_id for case in open_dataset(root, lists=["training"]).cases] == ["train_000", "train_001"]
+
+
+def test_zscore_normalisation_bound(brats_data, tmp_path, random_checkpoints):
+    """normalisation zscore: eps is relative to 10 standard deviations of the non-zero voxels."""
+    output = tmp_path / "out"
+    run = protector(brats_data, output, random_checkpoints[4], 4)
+    run.dataset = open_dataset(brats_data, normalisation="zscore")
+    manifest = run.run()
+    for record in manifest["cases"]:
+        scales = []
+        for name in record["images"]:
+            values = nib.load(brats_data / name).get_fdata()
+            foreground = values[values != 0]
+            scales.append(10 * foreground.std())
+        np.testing.assert_allclose(record["bound_source_units"], EPS * np.array(scales), rtol=1e-9)
+        for name, scale in zip(record["images"], scales):
+            change = np.abs(nib.load(output / name).get_fdata() - nib.load(brats_data / name).get_fdata())
+            assert change.max() <= EPS * scale and change.max() > 0
+    assert manifest["dataset"]["normalisation"] == ["zscore"] * 4
