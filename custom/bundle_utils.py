@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+import torch.distributed as dist
+
 from custom.demo import make_demo_dataset
 from custom.nifti_io import VoxShieldInputError, write_atomic
 

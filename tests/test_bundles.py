@@ -1,6 +1,7 @@
 """Both bundles end to end through `python -m monai.bundle run`, from the repository root with no
 PYTHONPATH: configs import `custom` from the working directory, which `python -m` puts on sys.path."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,9 @@ def test_train_then_protect(bundle, data_fixture, ct, channels, request, tmp_pat
     assert protected.returncode == 0, protected.stderr[-3000:]
     manifest = assert_protected_copy(data, output, EPS, ct=ct)
     assert manifest["dataset"]["layout"] == ("flare" if ct else "brats")
+    record = json.loads((ckpt / "training_config.json").read_text())
+    assert (record["lambda_spd"], record["lambda_isc"], record["epochs"]) == (0.05, 0.2, 2)
+    assert manifest["generator"]["training"] == record
 
     again = run_bundle(
         "protect", "--dataset_dir", str(data), "--ckpt_dir", str(ckpt), "--output_dir", str(output),

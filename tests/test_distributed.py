@@ -72,7 +72,7 @@ def test_two_process_training_and_protect(tmp_path):
         "--dataset_dir", str(data), "--ckpt_dir", str(ckpt), "--log_dir", str(logs),
         "--epochs", "1", "--patch_size", "[32,32,16]",
     )
-    assert sorted(p.name for p in ckpt.iterdir()) == ["generator.pt", "surrogate.pt"]
+    assert sorted(p.name for p in ckpt.iterdir()) == ["generator.pt", "surrogate.pt", "training_config.json"]
     for name in ("generator.pt", "surrogate.pt"):
         assert len(re.findall(rf"saved final checkpoint: \S*{re.escape(name)}", output)) == 1, output[-3000:]
     probe = {int(rank): rest for rank, *rest in re.findall(r"PROBE-TRAIN (\d) (\d+) (\S+) (\S+)", output)}
