@@ -68,5 +68,7 @@ def brief_input_errors() -> None:
 
 def record_training(ckpt_dir: str, settings: dict) -> None:
     """Write CKPT/training_config.json beside the checkpoints, so protect's manifest (and the reports
-    built from it) can say how the generator was trained (e.g. which ablation)."""
+    built from it) can say how the generator was trained (e.g. which ablation). Under torch.distributed only rank 0 writes it."""
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() > 0:
+        return
     write_atomic(Path(ckpt_dir) / TRAINING_RECORD, json.dumps(settings, indent=1, default=str).encode())
