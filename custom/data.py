@@ -298,8 +298,8 @@ def load_case(spec: DatasetSpec, case: Case, allow_empty_label: bool = False) ->
     label_image = load_nifti(label_path)
     if len(label_image.shape) != 3:
         raise VoxShieldInputError(f"{label_path}: label must be a 3D volume, got shape {label_image.shape}.")
-    label_values = read_stored(label_image, label_path).astype(np.float64) * slope_inter(label_image)[0]
-    label_values = label_values + slope_inter(label_image)[1]
+    slope, inter = slope_inter(label_image)
+    label_values = read_stored(label_image, label_path).astype(np.float64) * slope + inter
     if not np.isfinite(label_values).all() or not np.array_equal(label_values, np.round(label_values)):
         raise VoxShieldInputError(f"{label_path}: label holds non-integer values.")
     label = label_values.astype(np.int64)

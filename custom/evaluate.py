@@ -162,7 +162,12 @@ class VictimEvaluation:
     def _imperceptibility(self) -> dict | None:
         if self.train.root == self.test.root:
             return None
-        clean = open_dataset(self.test.root, self.test.layout, lists=["training", "test"])
+        # every labelled case of the clean dataset, normalised exactly as the test cases are
+        clean = dataclasses.replace(
+            open_dataset(self.test.root, self.test.layout, lists=["training", "test"],
+                         ct_window=self.test.ct_window, mri_percentiles=self.test.mri_percentiles),
+            normalisation=self.test.normalisation,
+        )
         clean_cases = {case.case_id: case for case in clean.cases}
         records = []
         for case in self.train.cases:
