@@ -1,18 +1,22 @@
 """
-The whole VoxShield protocol on the real LGE-MRI data of ../shared/data/la_mri, sized for a 2-core CPU:
+The VoxShield protocol and its baselines on the real LGE-MRI data of ../shared/data/la_mri, sized
+for a 2-core CPU:
 
 1. a 3D UNet victim trained on the clean training cases, scored on the 20 clean test cases;
-2. for each generator variant (the full method, then the ablations without L_SPD and without L_ISC):
-   train the generator on the 80 training cases, protect them, train the same victim (same recipe,
-   same seed) on the protected copy and score it on the same clean test cases;
-3. the paper's tables and the Fig. 3-style figures from those result files.
+2. for each run (VoxShield and its ablations without L_SPD / L_ISC, then the baselines EM, TAP,
+   LSP, SEP, PUE, UMed and the random-noise control): fit the method on the 80 training cases
+   (`run training --method M`), protect them (`run protect --method M`), train each victim of
+   --victims (same recipe, same seed) on the protected copy and score it on the clean test cases;
+3. the paper's tables and the Fig. 3-style figures from all the result files in --results_dir.
 
 Every step is the bundle command a user would run. Result files, tables, figures and
 ``benchmark.json`` (each command with its wall time and exit code, hardware, versions) go to
 ``--results_dir`` (default benchmarks/results/la_mri); checkpoints and protected volumes go to
-``--work_dir`` (default a folder under /tmp), never into the repository.
+``--work_dir`` (default a folder under /tmp), never into the repository. With --resume, a step
+whose output already exists (a protected copy with its manifest, a results.json) is skipped and
+listed as reused, so a grid can be split over several invocations.
 
-    python benchmarks/la_mri_benchmark.py [--generator_epochs 10] [--victim_epochs 15]
+    python benchmarks/la_mri_benchmark.py [--runs full,no_spd,no_isc,em,...] [--victims unet,...]
 """
 
 from __future__ import annotations
@@ -32,7 +36,13 @@ from custom.provenance import hardware, software_versions  # noqa: E402
 
 DATA = REPO_ROOT.parent / "shared" / "data" / "la_mri"
 CONFIGS = "bundles/voxshield_brats/configs"
-VARIANTS = {"full": [], "no_spd": ["--lambda_spd", "0"], "no_isc": ["--lambda_isc", "0"]}
+RUNS = {  # run name -> the method and its overrides of train.json (the paper's settings otherwise)
+    "full": ["--method", "voxshield"],
+    "no_spd": ["--method", "voxshield", "--lambda_spd", "0"],
+    "no_isc": ["--method", "voxshield", "--lambda_isc", "0"],
+    **{method: ["--method", method] for method in ("random", "lsp", "em", "tap", "umed", "sep", "pue")},
+}
+BASELINE_SURROGATE = '--surrogate_def#channels "[16,32,64,128,256]" --surrogate_def#num_res_units 1'
 
 
 def bundle(run_id: str, config: str, *args: str) -> list[str]:
@@ -44,12 +54,19 @@ def main() -> None:
     parser.add_argument("--data", default=str(DATA))
     parser.add_argument("--results_dir", default=str(REPO_ROOT / "benchmarks" / "results" / "la_mri"))
     parser.add_argument("--work_dir", default="/tmp/voxshield_la_mri_benchmark")
-    parser.add_argument("--generator_epochs", type=int, default=10)
+    parser.add_argument("--generator_epochs", type=int, default=10, help="VoxShield fitting epochs")
+    parser.add_argument("--baseline_epochs", type=int, default=5, help="surrogate fitting epochs of the baselines")
     parser.add_argument("--victim_epochs", type=int, default=15)
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
+    parser.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of " + ",".join(RUNS))
+    parser.add_argument("--victims", default="unet", help="comma-separated victims (evaluate.json --victim)")
     parser.add_argument("--generator_args", default="",
-                        help="extra overrides for every generator training run (a variant's own override wins)")
-    parser.add_argument("--skip_clean", action="store_true", help="reuse an earlier clean victim result")
+                        help="extra overrides for every VoxShield training run (a run's own override wins)")
+    parser.add_argument("--baseline_args", default=BASELINE_SURROGATE,
+                        help="extra overrides of training and protect for the baselines; by default a lighter "
+                             "surrogate (16..256 channels, 1 residual unit) to fit the CPU budget")
+    parser.add_argument("--skip_clean", action="store_true", help="no clean victim (an earlier result is kept)")
+    parser.add_argument("--resume", action="store_true", help="skip steps whose outputs exist")
+    parser.add_argument("--record", default="benchmark.json", help="file name, in --results_dir, of this invocation's record")
     options = parser.parse_args()
 
     data, results, work = Path(options.data), Path(options.results_dir), Path(options.work_dir)
@@ -58,13 +75,16 @@ def main() -> None:
     results.mkdir(parents=True, exist_ok=True)
     steps = []
 
-    def step(name: str, command: list[str]) -> None:
+    def step(name: str, command: list[str], output: Path | None = None) -> None:
+        if options.resume and output is not None and output.exists():
+            steps.append({"step": name, "command": shlex.join(command), "reused": str(output)})
+            return
         print(f"== {name}: {shlex.join(command)}", flush=True)
         start = time.perf_counter()
         completed = subprocess.run(command, cwd=REPO_ROOT)
         steps.append({"step": name, "command": shlex.join(command), "exit_code": completed.returncode,
                       "wall_time_s": round(time.perf_counter() - start, 1)})
-        (results / "benchmark.json").write_text(json.dumps(summary(), indent=1))
+        (results / options.record).write_text(json.dumps(summary(), indent=1))
         if completed.returncode:
             sys.exit(f"{name} failed with exit code {completed.returncode}")
 
@@ -75,23 +95,39 @@ def main() -> None:
                 "software": software_versions(), "total_wall_time_s": round(time.perf_counter() - started, 1)}
 
     victim = ["--test_dir", str(data), "--epochs", str(options.victim_epochs)]
+    victims = options.victims.split(",")
+
+    def results_for(run: str, name: str) -> Path:
+        return results / (run if name == "unet" else f"{run}_{name}")
+
     if not options.skip_clean:
-            step("victim on clean data", bundle("evaluate", "evaluate.json", "--train_dir", str(data), *victim,
-                                             "--output_dir", str(results / "clean")))
-    for variant in options.variants.split(","):
-        ckpt, protected = work / variant / "ckpt", work / variant / "protected"
-        step(f"generator {variant}", bundle(
-            "training", "train.json", "--dataset_dir", str(data), "--lists", "['training']", "--ckpt_dir", str(ckpt),
-            "--log_dir", str(work / variant / "logs"), "--epochs", str(options.generator_epochs),
-            *shlex.split(options.generator_args), *VARIANTS[variant]))
-        step(f"protect {variant}", bundle(
+        for name in victims:
+            step(f"{name} victim on clean data", bundle(
+                "evaluate", "evaluate.json", "--train_dir", str(data), *victim, "--victim", name, "--method", "clean",
+                "--output_dir", str(results_for("clean", name))), results_for("clean", name) / "results.json")
+    for run in options.runs.split(","):
+        ckpt, protected = work / run / "ckpt", work / run / "protected"
+        method = RUNS[run][1]
+        if method == "voxshield":
+            fitting, extra = ["--epochs", str(options.generator_epochs), *shlex.split(options.generator_args)], []
+        else:
+            extra = shlex.split(options.baseline_args)
+            fitting = ["--epochs", str(options.baseline_epochs), *extra]
+        done = protected / "voxshield_manifest.json"
+        if not (options.resume and done.exists()):
+            step(f"fit {run}", bundle(
+                "training", "train.json", "--dataset_dir", str(data), "--lists", "['training']", "--ckpt_dir", str(ckpt),
+                "--log_dir", str(work / run / "logs"), *fitting, *RUNS[run]))
+        step(f"protect {run}", bundle(
             "protect", "protect.json", "--dataset_dir", str(data), "--lists", "['training']", "--ckpt_dir", str(ckpt),
-            "--output_dir", str(protected), "--overwrite", "true"))
-        step(f"victim on {variant}", bundle("evaluate", "evaluate.json", "--train_dir", str(protected), *victim,
-                                             "--output_dir", str(results / variant)))
-    first = options.variants.split(",")[0]
+            "--output_dir", str(protected), "--overwrite", "true", "--method", method, *extra), done)
+        for name in victims:
+            step(f"{name} victim on {run}", bundle(
+                "evaluate", "evaluate.json", "--train_dir", str(protected), *victim, "--victim", name, "--method", method,
+                "--output_dir", str(results_for(run, name))), results_for(run, name) / "results.json")
+    figure_run = "full" if (work / "full" / "protected").is_dir() else options.runs.split(",")[0]
     step("report", bundle("report", "report.json", "--results", repr([str(results)]), "--output_dir", str(results),
-                          "--clean_dir", str(data), "--protected_dir", str(work / first / "protected")))
+                          "--clean_dir", str(data), "--protected_dir", str(work / figure_run / "protected")))
     print(json.dumps(summary()["steps"], indent=1))
 
 

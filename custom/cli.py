@@ -23,7 +23,6 @@ import sys
 from pathlib import Path
 
 BUNDLES = {"flare": "voxshield_flare", "brats": "voxshield_brats"}
-CHECKPOINT = "generator.pt"
 
 
 class CLIError(Exception):
@@ -155,11 +154,13 @@ class VoxShield:
     def protect(self, dataset_dir=None, ckpt_dir=None, output_dir=None, bundle="flare", **overrides):
         """
         Publish the protected copy of a dataset in OUTPUT_DIR, with its voxshield_manifest.json.
-        When CKPT holds no generator.pt, trains one first (same options; --epochs sets its length).
+        When CKPT holds no checkpoint of the method (generator.pt for VoxShield, surrogate.pt for the
+        surrogate-based baselines), fits it first (same options; --epochs sets its length).
+        --method voxshield|em|tap|lsp|sep|pue|umed|random chooses the method (default voxshield).
 
         Args:
             dataset_dir: the labelled dataset; default: the bundle's demo data.
-            ckpt_dir: the folder with generator.pt (trained into it when absent); default: the bundle's models/.
+            ckpt_dir: the folder with the checkpoint (fitted into it when absent); default: the bundle's models/.
             output_dir: the protected copy (must not exist, or --overwrite true); default: <bundle>/demo_protected.
             bundle: flare or brats.
             overrides: any train.json / protect.json key, e.g. --overwrite true --window_size "[96,96,64]" --epochs 100.
@@ -167,13 +168,19 @@ class VoxShield:
         name = bundle_name(bundle)
         self._require(name, dataset_dir=dataset_dir, ckpt_dir=ckpt_dir, output_dir=output_dir)
         folder = locate_bundle(name)
-        checkpoint = Path(str(overrides.get("checkpoint") or Path(str(ckpt_dir or folder / "models")) / CHECKPOINT))
-        if not checkpoint.is_file():
+        from custom.protectors import METHODS  # torch: imported only when a command runs
+
+        method = str(overrides.get("method", "voxshield"))
+        if method not in METHODS:
+            raise CLIError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}.")
+        file_name = METHODS[method].checkpoint_name
+        checkpoint = Path(str(overrides.get("checkpoint") or Path(str(ckpt_dir or folder / "models")) / str(file_name)))
+        if file_name is not None and not checkpoint.is_file():
             if "checkpoint" in overrides:
-                raise CLIError(f"{checkpoint}: generator checkpoint not found.")
+                raise CLIError(f"{checkpoint}: {method} checkpoint not found.")
             if not _writable(checkpoint.parent):
-                raise CLIError(f"{checkpoint.parent}: no {CHECKPOINT} here and the folder is not writable; pass --ckpt_dir.")
-            print(f"voxshield: no {CHECKPOINT} in {checkpoint.parent}: training the generator first.", flush=True)
+                raise CLIError(f"{checkpoint.parent}: no {file_name} here and the folder is not writable; pass --ckpt_dir.")
+            print(f"voxshield: no {file_name} in {checkpoint.parent}: fitting {method} first.", flush=True)
             train_overrides = _overrides_for(overrides, folder, "train.json", "protect.json")
             self.train(dataset_dir=dataset_dir, ckpt_dir=ckpt_dir, bundle=bundle, **train_overrides)
         overrides = _overrides_for(overrides, folder, "protect.json", "train.json")

@@ -135,10 +135,17 @@ class VictimEvaluation:
         output_dir: where results go (created; existing results are replaced).
         recipe: the training recipe, recorded verbatim (victim, epochs, patch, lr, augmentation, ...).
         device: where the victim runs.
+        method: the protection method the training data is expected to carry ("clean" for none);
+            checked against its manifest before any training. None skips the check.
     """
 
-    def __init__(self, train, test, network, inferer, output_dir, recipe: dict, device="cpu") -> None:
+    def __init__(self, train, test, network, inferer, output_dir, recipe: dict, device="cpu",
+                 method: str | None = None) -> None:
         self.train, self.test = train, test
+        protection = self._protection()
+        found = protection["method"] if protection else "clean"
+        if method is not None and method != found:
+            raise VoxShieldInputError(f"{train.root}: holds {found!r} data, not {method!r} (see its {MANIFEST_NAME}).")
         self.network, self.inferer = network, inferer
         self.output_dir = Path(output_dir)
         self.recipe = recipe
@@ -199,7 +206,7 @@ class VictimEvaluation:
         if not manifest.is_file():
             return None
         content = json.loads(manifest.read_text())
-        return {key: content.get(key) for key in ("method", "parameters", "generator")}
+        return {key: content.get(key) for key in ("method", "parameters", "fitted")}
 
     def run(self, trainer) -> dict:
         """Train with ``trainer`` (a MONAI trainer over ``network``), evaluate, write the results."""

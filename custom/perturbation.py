@@ -23,6 +23,8 @@ class ROIBoundedPerturbation(nn.Module):
         eps: L-infinity bound on intensities normalised to [0, 1]. Default 4/255.
         roi_dilation: dilate the label foreground by this many voxels (a cube) to form M.
             Default 0, as in the paper.
+        mask_roi: restrict the perturbation to M (default, the paper's rule); False perturbs the
+            whole volume, for comparing methods without the ROI rule.
         squash: ``"tanh"`` or ``"none"``, see above.
 
     Shapes:
@@ -31,7 +33,7 @@ class ROIBoundedPerturbation(nn.Module):
         output: (x_p, delta), both (B, C, H, W, D).
     """
 
-    def __init__(self, eps: float = 4 / 255, roi_dilation: int = 0, squash: str = "tanh") -> None:
+    def __init__(self, eps: float = 4 / 255, roi_dilation: int = 0, squash: str = "tanh", mask_roi: bool = True) -> None:
         super().__init__()
         if not eps > 0:
             raise ValueError(f"eps must be positive, got {eps}.")
@@ -42,18 +44,26 @@ class ROIBoundedPerturbation(nn.Module):
         self.eps = float(eps)
         self.roi_dilation = int(roi_dilation)
         self.squash = squash
+        self.mask_roi = bool(mask_roi)
 
     def roi_mask(self, label: torch.Tensor) -> torch.Tensor:
-        """(B, 1, H, W, D) label map -> float mask of the foreground, dilated by ``roi_dilation``."""
+        """(B, 1, H, W, D) label map -> float mask of the foreground, dilated by ``roi_dilation``
+        (all ones when ``mask_roi`` is off)."""
+        if not self.mask_roi:
+            return torch.ones_like(label, dtype=torch.float32)
         mask = (label > 0).float()
         if self.roi_dilation:
             size = 2 * self.roi_dilation + 1
             mask = F.max_pool3d(mask, kernel_size=size, stride=1, padding=self.roi_dilation)
         return mask
 
+    def project(self, image: torch.Tensor, delta: torch.Tensor, roi: torch.Tensor):
+        """The bound without the squash: any candidate delta -> (x_p, effective delta)."""
+        delta = torch.clamp(delta * roi, -self.eps, self.eps)
+        protected = torch.clamp(image + delta, 0.0, 1.0)
+        return protected, protected - image
+
     def forward(self, image: torch.Tensor, noise: torch.Tensor, roi: torch.Tensor):
         if self.squash == "tanh":
             noise = self.eps * torch.tanh(noise)
-        delta = torch.clamp(noise * roi, -self.eps, self.eps)
-        protected = torch.clamp(image + delta, 0.0, 1.0)
-        return protected, protected - image
+        return self.project(image, noise, roi)

@@ -26,7 +26,7 @@ from custom.nifti_io import (
     write_atomic,
     write_stored_like,
 )
-from custom.perturbation import ROIBoundedPerturbation
+from custom.protectors import Protector
 from custom.provenance import software_versions
 
 MANIFEST_NAME = "voxshield_manifest.json"
@@ -67,50 +67,42 @@ def _distributed() -> tuple[int, int]:
 
 class DatasetProtector:
     """
-    Publishes a protected copy of a dataset with a trained generator.
+    Publishes a protected copy of a dataset with any protection method (custom.protectors).
 
     Each labelled case is loaded on its native voxel grid and normalised as in training; the
-    generator runs over it with ``inferer`` (sliding windows for large volumes); the bounded
-    perturbation is mapped back to the source's units with that case's normalisation scale and added
-    to the values as stored on disk. Labels, dataset.json and every other file are copied byte for
-    byte. Cases are sharded across ranks when torch.distributed is initialised.
+    protector turns it into its bounded perturbation, which is mapped back to the source's units
+    with that case's normalisation scale and added to the values as stored on disk. Labels,
+    dataset.json and every other file are copied byte for byte. Cases are sharded across ranks
+    when torch.distributed is initialised.
 
     Args:
         dataset: the source dataset (see custom.data.open_dataset).
         output_dir: where the copy goes; must not be inside the dataset (nor hold it).
-        generator: G, with weights loaded from ``checkpoint``.
-        perturbation: eps, ROI rule and squash, as used in training.
-        inferer: e.g. monai.inferers.SlidingWindowInferer.
-        checkpoint: the generator's state_dict file (CKPT/generator.pt).
-        device: where G runs.
+        protector: the method, e.g. custom.protectors.VoxShield.
+        checkpoint: what fitting wrote (CKPT/generator.pt for VoxShield, CKPT/surrogate.pt for the
+            surrogate-based baselines); ignored for training-free methods.
+        device: where the protector runs.
         overwrite: replace an existing VoxShield output at ``output_dir``.
         copy_empty_labels: copy cases with an empty label unchanged instead of failing.
-        method: the protection method's name, recorded in the manifest.
     """
 
     def __init__(
         self,
         dataset: DatasetSpec,
         output_dir: str | Path,
-        generator: torch.nn.Module,
-        perturbation: ROIBoundedPerturbation,
-        inferer,
-        checkpoint: str | Path,
+        protector: Protector,
+        checkpoint: str | Path | None = None,
         device: str | torch.device = "cpu",
         overwrite: bool = False,
         copy_empty_labels: bool = False,
-        method: str = "voxshield",
     ) -> None:
         self.dataset = dataset
         self.output_dir = Path(output_dir).expanduser().resolve()
-        self.generator = generator
-        self.perturbation = perturbation
-        self.inferer = inferer
-        self.checkpoint = Path(checkpoint)
+        self.protector = protector
+        self.checkpoint = Path(checkpoint) if checkpoint is not None else None
         self.device = torch.device(device)
         self.overwrite = overwrite
         self.copy_empty_labels = copy_empty_labels
-        self.method = method
 
     # ---- checks, before anything is written -------------------------------------------------
     def _check_output_location(self) -> None:
@@ -144,14 +136,9 @@ class DatasetProtector:
     def _perturbation_for(self, normalised: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         image = torch.as_tensor(normalised[None], device=self.device)
         label_tensor = torch.as_tensor(label[None, None], device=self.device)
-        roi = self.perturbation.roi_mask(label_tensor)
-        with torch.no_grad():
-            noise = self.inferer(image, self.generator)
-            if not torch.isfinite(noise).all():
-                raise RuntimeError("the generator produced NaN or Inf; its checkpoint is unusable.")
-            _, delta = self.perturbation(image, noise, roi)
-        roi_array = roi[0].cpu().numpy().astype(bool)
-        return delta[0].double().cpu().numpy() * roi_array, roi_array[0]
+        delta = self.protector.perturb(image, label_tensor).detach()
+        support = self.protector.support(label_tensor)[0].cpu().numpy().astype(bool)
+        return delta[0].double().cpu().numpy() * support, support[0]
 
     def _protect_case(self, case: Case) -> dict:
         root, output = self.dataset.root, self.output_dir
@@ -169,7 +156,7 @@ class DatasetProtector:
         clean = normalise(loaded.image, loaded.offsets, loaded.scales)
         delta = self._perturbation_for(clean, loaded.label)
         delta_source, roi = delta[0] * loaded.scales.reshape(-1, 1, 1, 1), delta[1]
-        bounds = self.perturbation.eps * loaded.scales
+        bounds = self.protector.perturbation.eps * loaded.scales
         protected_source = np.empty_like(loaded.image)
         channel = 0
         for name in case.images:
@@ -222,9 +209,31 @@ class DatasetProtector:
         )
 
     def _training_record(self) -> dict | None:
-        """How the generator was trained, from the training_config.json that training writes beside it."""
+        """How the method was fitted, from the training_config.json that training writes beside its checkpoint."""
         record = self.checkpoint.with_name(TRAINING_RECORD)
         return json.loads(record.read_text()) if record.is_file() else None
+
+    def _load_checkpoint(self) -> dict | None:
+        """Load what fitting learned; the manifest's record of it (None for a training-free method)."""
+        if not self.protector.trainable:
+            return None
+        if self.checkpoint is None or not self.checkpoint.is_file():
+            raise VoxShieldInputError(f"{self.checkpoint}: {self.protector.name} checkpoint not found; run training first.")
+        training = self._training_record()
+        fitted_method = (training or {}).get("method", "voxshield")
+        if fitted_method != self.protector.name:
+            raise VoxShieldInputError(
+                f"{self.checkpoint}: fitted for method {fitted_method!r}, not {self.protector.name!r}; "
+                "pass the same --method to training and protect."
+            )
+        try:
+            state = torch.load(self.checkpoint, map_location=self.device, weights_only=True)
+            self.protector.checkpoint_module.load_state_dict(state)
+        except Exception as error:
+            raise VoxShieldInputError(
+                f"{self.checkpoint}: does not fit this bundle's {self.protector.name} network ({str(error).splitlines()[0]})"
+            ) from error
+        return {"checkpoint": self.checkpoint.name, "sha256": sha256(self.checkpoint), "training": training}
 
     # ---- the whole dataset ---------------------------------------------------------------------
     def _copy_other_files(self) -> dict:
@@ -245,21 +254,21 @@ class DatasetProtector:
         self._check_output_location()
         for case in self.dataset.cases:  # every check before the first write
             load_case(self.dataset, case, allow_empty_label=self.copy_empty_labels)
-        if not self.checkpoint.is_file():
-            raise VoxShieldInputError(f"{self.checkpoint}: generator checkpoint not found; run training first.")
-        run_info = {
-            "method": self.method,
-            "generator_sha256": sha256(self.checkpoint),
-            "eps": self.perturbation.eps,
-            "roi_dilation": self.perturbation.roi_dilation,
-            "squash": self.perturbation.squash,
+        self.protector.to(self.device)
+        fitted = self._load_checkpoint()
+        perturbation = self.protector.perturbation
+        parameters = {
+            "eps": perturbation.eps,
+            "roi_dilation": perturbation.roi_dilation,
+            "squash": perturbation.squash,
+            "mask_roi": perturbation.mask_roi,
+            **self.protector.settings(),
         }
+        run_info = {"method": self.protector.name, "checkpoint_sha256": fitted and fitted["sha256"], **parameters}
         if rank == 0:
             self._prepare_output(run_info)
         if world_size > 1:
             dist.barrier()
-        self.generator.load_state_dict(torch.load(self.checkpoint, map_location=self.device, weights_only=True))
-        self.generator.to(self.device).eval()
 
         progress = self.output_dir / PROGRESS_DIR
         shard = self.dataset.cases[rank::world_size]
@@ -277,14 +286,10 @@ class DatasetProtector:
         manifest = {
             "format": "voxshield-manifest/1",
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "method": self.method,
-            "parameters": {key: run_info[key] for key in ("eps", "roi_dilation", "squash")},
-            "eps_normalised": self.perturbation.eps,
-            "generator": {
-                "checkpoint": self.checkpoint.name,
-                "sha256": run_info["generator_sha256"],
-                "training": self._training_record(),
-            },
+            "method": self.protector.name,
+            "parameters": parameters,
+            "eps_normalised": perturbation.eps,
+            "fitted": fitted,
             "software": software_versions(),
             "dataset": {
                 "source": str(self.dataset.root),

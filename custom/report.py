@@ -95,7 +95,8 @@ def _variant(result: dict) -> str:
     """The row of a result in the ablation: clean, or which losses its generator was trained with."""
     if result["run"]["method"] == "clean":
         return "clean"
-    training = ((result.get("protection") or {}).get("generator") or {}).get("training")
+    protection = result.get("protection") or {}
+    training = (protection.get("fitted") or protection.get("generator") or {}).get("training")  # "generator": older files
     if not training:
         return FULL
     spd, isc = _enabled(training.get("lambda_spd")), _enabled(training.get("lambda_isc"))

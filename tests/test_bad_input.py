@@ -130,7 +130,7 @@ def test_dataset_level_errors(tmp_path, flare_data, random_checkpoints):
     (tmp_path / "empty" / "dataset.json").write_text(json.dumps({"training": []}))
     with pytest.raises(VoxShieldInputError, match="not a valid msd dataset.json"):
         open_dataset(tmp_path / "empty")
-    with pytest.raises(VoxShieldInputError, match="generator checkpoint not found"):
+    with pytest.raises(VoxShieldInputError, match="missing.pt: voxshield checkpoint not found"):
         protector(flare_data, tmp_path / "out", tmp_path / "missing.pt", 1).run()
     assert not (tmp_path / "out").exists()
 

@@ -38,7 +38,7 @@ def test_train_then_protect(bundle, data_fixture, ct, channels, request, tmp_pat
     assert manifest["dataset"]["layout"] == ("flare" if ct else "brats")
     record = json.loads((ckpt / "training_config.json").read_text())
     assert (record["lambda_spd"], record["lambda_isc"], record["epochs"]) == (0.05, 0.2, 2)
-    assert manifest["generator"]["training"] == record
+    assert manifest["fitted"]["training"] == record
 
     again = run_bundle(
         "protect", "--dataset_dir", str(data), "--ckpt_dir", str(ckpt), "--output_dir", str(output),

@@ -296,6 +296,7 @@ def test_verify_multichannel_and_dilated_roi(layout, roi_dilation, tmp_path, ran
     from custom.data import open_dataset
     from custom.perturbation import ROIBoundedPerturbation
     from custom.protect import DatasetProtector
+    from custom.protectors import VoxShield
 
     if layout == "brats":
         data, channels, checkpoint = make_demo_dataset(tmp_path / "data", "brats", 2, (32, 32, 16)), 4, random_checkpoints[4]
@@ -305,8 +306,9 @@ def test_verify_multichannel_and_dilated_roi(layout, roi_dilation, tmp_path, ran
         checkpoint = tmp_path / "g2.pt"
         torch.save(generator_net(2).state_dict(), checkpoint)
     output = tmp_path / "out"
-    DatasetProtector(open_dataset(data), output, generator_net(channels), ROIBoundedPerturbation(roi_dilation=roi_dilation),
-                     SlidingWindowInferer(roi_size=(32, 32, 16)), checkpoint).run()
+    method = VoxShield(ROIBoundedPerturbation(roi_dilation=roi_dilation), generator_net(channels),
+                       SlidingWindowInferer(roi_size=(32, 32, 16)))
+    DatasetProtector(open_dataset(data), output, method, checkpoint).run()
     failures, cases = verify_copy(data, output)
     assert failures == [] and cases == (2 if layout == "brats" else 1)
     manifest = json.loads((output / "voxshield_manifest.json").read_text())

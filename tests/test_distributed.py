@@ -40,7 +40,7 @@ class RankLoggingProtector(DatasetProtector):
         print(f"PROBE-PROTECT {dist.get_rank()} {case.case_id}", flush=True)
         return super()._protect_case(case)
 '''
-PROTECT_PROBE = {"protector#_target_": "voxshield_rank_probe.RankLoggingProtector"}
+PROTECT_PROBE = {"dataset_protector#_target_": "voxshield_rank_probe.RankLoggingProtector"}
 
 
 def torchrun(run_id: str, configs: list[str], *args: str, pythonpath: Path | None = None):

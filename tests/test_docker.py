@@ -238,13 +238,13 @@ def test_entrypoint_protects_then_verifies(image, tmp_path):
         "--batch_size", "3", "--surrogate_def#channels", "[8,16,16,32,32]",
     )
     assert protected.returncode == 0, protected.stderr[-3000:]
-    assert f"no generator.pt in {ckpt}: training the generator first" in protected.stdout
+    assert f"no generator.pt in {ckpt}: fitting voxshield first" in protected.stdout
     assert "Epoch[1] Complete" in protected.stdout
     assert {path.name for path in ckpt.iterdir()} >= {"generator.pt", "surrogate.pt", "training_config.json", "logs"}
     manifest = json.loads((output / "voxshield_manifest.json").read_text())
     assert len(manifest["cases"]) == 3 and all(record["protected"] for record in manifest["cases"])
-    assert manifest["generator"]["sha256"] == hashlib.sha256((ckpt / "generator.pt").read_bytes()).hexdigest()
-    assert manifest["generator"]["training"]["epochs"] == 1
+    assert manifest["fitted"]["sha256"] == hashlib.sha256((ckpt / "generator.pt").read_bytes()).hexdigest()
+    assert manifest["fitted"]["training"]["epochs"] == 1
     # the installed package ran, not the repository's
     assert "custom/bundles/voxshield_flare/configs/protect.json" in protected.stdout + protected.stderr
     assert str(REPO_ROOT / "bundles") not in protected.stdout + protected.stderr

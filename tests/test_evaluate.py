@@ -69,7 +69,7 @@ def test_evaluate_end_to_end(flare_data, tmp_path, random_checkpoints):
     clean, attacked = runs["clean"], runs["protected"]
     assert clean["run"]["method"] == "clean" and clean["imperceptibility"] is None
     assert attacked["run"]["method"] == "voxshield"
-    assert attacked["protection"]["generator"]["sha256"] == manifest["generator"]["sha256"]
+    assert attacked["protection"]["fitted"]["sha256"] == manifest["fitted"]["sha256"]
     for results in runs.values():
         assert results["run"]["test_cases"] == ["train_002"] and results["run"]["train_cases"] == 2
         assert results["recipe"]["iterations"] == 1 and results["recipe"]["augmentation"] is False

@@ -19,18 +19,24 @@ from custom.data import open_dataset
 from custom.nifti_io import VoxShieldInputError
 from custom.perturbation import ROIBoundedPerturbation
 from custom.protect import DatasetProtector, bounded_stored_values
+from custom.protectors import VoxShield
 
 
 def protector(dataset_dir, output_dir, checkpoint, channels, **options):
     return DatasetProtector(
         dataset=open_dataset(dataset_dir),
         output_dir=output_dir,
-        generator=generator_net(channels),
-        perturbation=ROIBoundedPerturbation(eps=EPS),
-        inferer=SlidingWindowInferer(roi_size=(32, 32, 16), overlap=0.25),
+        protector=VoxShield(ROIBoundedPerturbation(eps=EPS), generator_net(channels),
+                            SlidingWindowInferer(roi_size=(32, 32, 16), overlap=0.25)),
         checkpoint=checkpoint,
         **options,
     )
+
+
+def test_checkpoint_of_another_network_is_refused(flare_data, tmp_path, random_checkpoints):
+    with pytest.raises(VoxShieldInputError, match="generator_4.pt: does not fit this bundle's voxshield network"):
+        protector(flare_data, tmp_path / "out", random_checkpoints[4], 1).run()
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("dtype", ["uint8", "int16", "int32", "float32", "float64"])
@@ -71,7 +77,7 @@ def test_protect_flare_int16_ct(flare_data, tmp_path, random_checkpoints):
     assert_protected_copy(flare_data, output, EPS, ct=True)
     assert {p: p.read_bytes() for p in flare_data.rglob("*") if p.is_file()} == source_bytes  # source untouched
     assert manifest["eps_normalised"] == EPS and manifest["method"] == "voxshield"
-    assert manifest["generator"]["sha256"] == __import__("hashlib").sha256(random_checkpoints[1].read_bytes()).hexdigest()
+    assert manifest["fitted"]["sha256"] == __import__("hashlib").sha256(random_checkpoints[1].read_bytes()).hexdigest()
     assert {"torch", "monai", "numpy", "nibabel", "python"} <= set(manifest["software"])
     assert nib.load(output / "TrainingImg/train_000_0000.nii.gz").get_data_dtype() == np.int16
     # PSNR recomputed from the files with the documented definition (CT window, data range 1).
@@ -175,8 +181,10 @@ def test_interrupted_run_resumes(flare_data, tmp_path, random_checkpoints, monke
     done = output / "TrainingImg/train_000_0000.nii.gz"
     before = done.stat().st_mtime_ns
     # A rerun with other settings must not mix two generators into one dataset.
+    other = tmp_path / "other_generator.pt"
+    torch.save(generator_net(1).state_dict(), other)
     with pytest.raises(VoxShieldInputError, match="interrupted run with other settings"):
-        protector(flare_data, output, random_checkpoints[4], 1).run()
+        protector(flare_data, output, other, 1).run()
     protector(flare_data, output, random_checkpoints[1], 1).run()
     assert done.stat().st_mtime_ns == before  # finished case kept, not redone
     assert_protected_copy(flare_data, output, EPS, ct=True)

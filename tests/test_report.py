@@ -22,7 +22,7 @@ def results_file(folder, method="clean", victim="unet", dataset="FLARE21", dice=
     """A results.json as custom.evaluate writes it, with only the fields the report reads filled in."""
     protection = None if method == "clean" else {
         "method": method, "parameters": {"eps": 4 / 255, "roi_dilation": 0, "squash": "tanh"},
-        "generator": {"checkpoint": "generator.pt", "sha256": "0" * 64, "training": training},
+        "fitted": {"checkpoint": "generator.pt", "sha256": "0" * 64, "training": training},
     }
     content = {
         "format": "voxshield-evaluation/1",

@@ -1,4 +1,5 @@
-"""The alternating trainer: which network each step updates, and how the generator loss is weighted."""
+"""VoxShield's fit step through the ProtectorTrainer: which network each step updates, and how the
+generator loss is weighted."""
 
 import copy
 
@@ -8,7 +9,8 @@ from monai.losses import DiceCELoss
 from monai.networks.nets import UNet
 
 from custom.perturbation import ROIBoundedPerturbation
-from custom.trainer import VoxShieldTrainer
+from custom.protectors import VoxShield
+from custom.trainer import ProtectorTrainer
 
 
 def tiny_unet(in_channels, out_channels):
@@ -22,19 +24,17 @@ def make_trainer(surrogate_steps, generator_steps=1):
     label[:, :, 4:12, 4:12, 4:12] = 1
     loader = [{"image": image, "label": label}]
     generator, surrogate = tiny_unet(1, 1), tiny_unet(1, 2)
-    trainer = VoxShieldTrainer(
-        device="cpu",
-        max_epochs=1,
-        train_data_loader=loader,
+    protector = VoxShield(
+        perturbation=ROIBoundedPerturbation(),
         generator=generator,
         surrogate=surrogate,
         generator_optimizer=torch.optim.Adam(generator.parameters(), 1e-2),
         surrogate_optimizer=torch.optim.Adam(surrogate.parameters(), 1e-2),
         segmentation_loss=DiceCELoss(to_onehot_y=True, softmax=True),
-        perturbation=ROIBoundedPerturbation(),
         surrogate_steps=surrogate_steps,
         generator_steps=generator_steps,
     )
+    trainer = ProtectorTrainer(device="cpu", max_epochs=1, train_data_loader=loader, protector=protector)
     return trainer, generator, surrogate
 
 

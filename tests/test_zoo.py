@@ -171,8 +171,8 @@ def test_export_runs_outside_the_repository(trained, tmp_path):
                           "--output_dir", str(output), "--window_size", "[32,32,16]", cwd=bundle)
     assert result.returncode == 0, result.stderr[-3000:]
     manifest = json.loads((output / "voxshield_manifest.json").read_text())
-    assert manifest["generator"]["sha256"] == digest
-    assert manifest["generator"]["training"]["epochs"] == 1  # models/training_config.json travelled too
+    assert manifest["fitted"]["sha256"] == digest
+    assert manifest["fitted"]["training"]["epochs"] == 1  # models/training_config.json travelled too
     assert len(manifest["cases"]) == 3
     for record in manifest["cases"]:
         for name in record["images"]:

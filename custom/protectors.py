@@ -1,0 +1,569 @@
+"""
+Every protection method behind one small interface (in the spirit of torchattacks): VoxShield and
+the 3D baselines EM, TAP, LSP, SEP, PUE, UMed and a random-noise control.
+
+A ``Protector`` is fitted batch by batch on training patches (``fit_step``; custom.trainer.
+ProtectorTrainer runs it as an ignite engine) and then turns whole volumes into their perturbation
+(``perturb``). All methods share the ROI rule and the L-infinity bound of one
+custom.perturbation.ROIBoundedPerturbation, so a table compares the noise, not the budget.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from custom.losses import InterSliceSpectralLoss, SemanticPredictionDisruptionLoss
+from custom.nifti_io import VoxShieldInputError
+from custom.perturbation import ROIBoundedPerturbation
+
+
+class Protector(nn.Module):
+    """
+    The interface. Subclasses set ``name`` and implement ``perturb``; methods that learn something
+    also implement ``fit_step`` and ``checkpoint_module`` (the module protect loads back).
+
+    Shapes:
+        image: (B, C, H, W, D) intensities normalised to [0, 1].
+        label: (B, 1, H, W, D) integer class map.
+        perturb(...) and forward(...)[1]: (B, C, H, W, D) delta, zero outside ``support(label)``,
+        within the bound, and such that image + delta stays in [0, 1].
+
+    Args:
+        perturbation: eps and the ROI rule shared by every method.
+        seed: makes every random draw a function of (seed, the input volume), so a case gets the
+            same noise whatever the order or sharding of a run.
+        amp: mixed precision (CUDA) for fitting and crafting.
+    """
+
+    name = ""
+    checkpoint_name: str | None = None  # the file, in the checkpoint folder, that fitting writes
+
+    def __init__(self, perturbation: ROIBoundedPerturbation, seed: int = 0, amp: bool = False) -> None:
+        super().__init__()
+        self.perturbation = perturbation
+        self.seed = int(seed)
+        self.amp = bool(amp)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+
+    @property
+    def checkpoint_module(self) -> nn.Module | None:
+        """What fitting learns and protect loads; None for a training-free method."""
+        return None
+
+    @property
+    def trainable(self) -> bool:
+        return self.checkpoint_module is not None
+
+    def settings(self) -> dict:
+        """The method's scalar hyperparameters, for the training record and the manifest."""
+        return {key: value for key, value in vars(self).items()
+                if not key.startswith("_") and key != "training" and isinstance(value, (bool, int, float, str))}
+
+    def support(self, label: torch.Tensor) -> torch.Tensor:
+        """(B, 1, H, W, D) float mask of the voxels the method may change."""
+        return self.perturbation.roi_mask(label)
+
+    def fit_step(self, image: torch.Tensor, label: torch.Tensor) -> dict[str, float]:
+        """One optimisation step on a batch of training patches; returns named losses."""
+        raise NotImplementedError(f"{self.name} is training-free: there is nothing to fit.")
+
+    def perturb(self, image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        delta = self.perturb(image, label)
+        return image + delta, delta
+
+    def random_generator(self, image: torch.Tensor) -> torch.Generator:
+        """A CPU generator seeded by ``seed`` and the volume's bytes."""
+        content = zlib.crc32(image.detach().float().cpu().numpy().tobytes())
+        return torch.Generator().manual_seed(self.seed * 2**32 + content)
+
+    def autocast(self, device: torch.device):
+        return torch.autocast(device_type=device.type, enabled=self.amp)
+
+    def optimiser_step(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(optimizer)
+        self.scaler.update()
+
+
+def _uniform(shape, generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
+    """Uniform in [-1, 1], drawn on the CPU (so the draw does not depend on the device)."""
+    return (torch.rand(shape, generator=generator) * 2 - 1).to(like)
+
+
+class VoxShield(Protector):
+    """
+    VoxShield (the paper's method): a generator G makes the noise, trained against a surrogate F
+    in alternation. Each ``fit_step`` runs ``surrogate_steps`` updates of F on x_p with G fixed
+    (DiceCE), then ``generator_steps`` updates of G with F frozen, minimising
+    L = segmentation_loss(F(x_p), y) + lambda_spd * L_SPD(F(x_p), F(x)) + lambda_isc * L_ISC(delta).
+    ``perturb`` runs G over a whole volume with ``inferer`` (sliding windows).
+
+    fit_step returns ``loss`` (the generator's L), ``surrogate_loss``, ``segmentation_loss``,
+    ``spd_loss`` and ``isc_loss``.
+
+    Args:
+        perturbation, seed, amp: see Protector.
+        generator: G, C input channels -> C output channels (raw noise before the bound).
+        inferer: runs G over a whole volume, e.g. monai.inferers.SlidingWindowInferer; None calls G.
+        surrogate: F, C input channels -> K class logits (fitting only).
+        generator_optimizer, surrogate_optimizer: optimisers over G's and F's parameters (fitting only).
+        segmentation_loss: e.g. monai.losses.DiceCELoss(to_onehot_y=True, softmax=True) (fitting only).
+        lambda_spd: weight of L_SPD. Default 0.05 (paper).
+        lambda_isc: weight of L_ISC. Default 0.2 (paper).
+        isc_loss: the L_ISC module; default InterSliceSpectralLoss().
+        spd_loss: the L_SPD module; default SemanticPredictionDisruptionLoss().
+        surrogate_steps: F updates per batch. Default 1.
+        generator_steps: G updates per batch. Default 1.
+    """
+
+    name = "voxshield"
+    checkpoint_name = "generator.pt"
+
+    def __init__(
+        self,
+        perturbation: ROIBoundedPerturbation,
+        generator: nn.Module,
+        inferer=None,
+        surrogate: nn.Module | None = None,
+        generator_optimizer: torch.optim.Optimizer | None = None,
+        surrogate_optimizer: torch.optim.Optimizer | None = None,
+        segmentation_loss=None,
+        lambda_spd: float = 0.05,
+        lambda_isc: float = 0.2,
+        isc_loss: nn.Module | None = None,
+        spd_loss: nn.Module | None = None,
+        surrogate_steps: int = 1,
+        generator_steps: int = 1,
+        seed: int = 0,
+        amp: bool = False,
+    ) -> None:
+        super().__init__(perturbation, seed, amp)
+        if surrogate_steps < 0 or generator_steps < 1:
+            raise ValueError("surrogate_steps must be >= 0 and generator_steps >= 1.")
+        self.generator = generator
+        self.inferer = inferer
+        self.surrogate = surrogate
+        self.generator_optimizer = generator_optimizer
+        self.surrogate_optimizer = surrogate_optimizer
+        self.segmentation_loss = segmentation_loss
+        self.lambda_spd = lambda_spd
+        self.lambda_isc = lambda_isc
+        self.isc_loss = isc_loss if isc_loss is not None else InterSliceSpectralLoss()
+        self.spd_loss = spd_loss if spd_loss is not None else SemanticPredictionDisruptionLoss()
+        self.surrogate_steps = surrogate_steps
+        self.generator_steps = generator_steps
+
+    @property
+    def checkpoint_module(self) -> nn.Module:
+        return self.generator
+
+    def fit_step(self, image: torch.Tensor, label: torch.Tensor) -> dict[str, float]:
+        if None in (self.surrogate, self.generator_optimizer, self.surrogate_optimizer, self.segmentation_loss):
+            raise ValueError("fitting VoxShield needs surrogate, both optimisers and segmentation_loss.")
+        roi = self.support(label)
+        surrogate_loss = torch.zeros(())
+        self.generator.train()
+        self.surrogate.train()
+        for _ in range(self.surrogate_steps):
+            with torch.no_grad(), self.autocast(image.device):
+                protected, _ = self.perturbation(image, self.generator(image), roi)
+            with self.autocast(image.device):
+                surrogate_loss = self.segmentation_loss(self.surrogate(protected), label)
+            self.optimiser_step(self.surrogate_optimizer, surrogate_loss)
+
+        frozen = getattr(self.surrogate, "module", self.surrogate)  # skip DDP's all-reduce in frozen passes
+        frozen.eval()
+        frozen.requires_grad_(False)
+        try:
+            with torch.no_grad(), self.autocast(image.device):
+                clean_logits = frozen(image)
+            for _ in range(self.generator_steps):
+                with self.autocast(image.device):
+                    protected, delta = self.perturbation(image, self.generator(image), roi)
+                    protected_logits = frozen(protected)
+                    segmentation = self.segmentation_loss(protected_logits, label)
+                    spd = self.spd_loss(protected_logits, clean_logits)
+                    isc = self.isc_loss(delta)
+                    loss = segmentation + self.lambda_spd * spd + self.lambda_isc * isc
+                self.optimiser_step(self.generator_optimizer, loss)
+        finally:
+            frozen.requires_grad_(True)
+        return {
+            "loss": loss.item(),
+            "surrogate_loss": surrogate_loss.item(),
+            "segmentation_loss": segmentation.item(),
+            "spd_loss": spd.item(),
+            "isc_loss": isc.item(),
+        }
+
+    def perturb(self, image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        self.generator.eval()
+        with torch.no_grad():
+            noise = self.inferer(image, self.generator) if self.inferer is not None else self.generator(image)
+            if not torch.isfinite(noise).all():
+                raise RuntimeError("the generator produced NaN or Inf; its checkpoint is unusable.")
+            return self.perturbation(image, noise, self.support(label))[1]
+
+
+class RandomNoise(Protector):
+    """
+    Control: uniform noise in [-eps, eps] on the support. It shows how much of a method's effect
+    comes from the ROI-shaped support alone. Training-free.
+
+    Args: see Protector.
+    """
+
+    name = "random"
+
+    def perturb(self, image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        noise = self.perturbation.eps * _uniform(image.shape, self.random_generator(image), image)
+        return self.perturbation.project(image, noise, self.support(label))[1]
+
+
+class LinearSeparableNoise(Protector):
+    """
+    LSP (Yu et al., KDD 2022) in 3D, training-free: each class k gets a random code of
+    C x grid^3 values drawn like sklearn's make_classification (a hypercube vertex scaled by
+    ``class_separation`` plus unit Gaussian noise), so the codes are linearly separable; each code
+    value fills a cube of ``patch_size`` voxels and the grid of cubes tiles the volume. The noise
+    at a voxel is its class's pattern there (composed by the label map, as the paper adapts LSP
+    to segmentation), scaled so the largest code value is eps and clipped to the eps ball.
+
+    Args:
+        perturbation, seed: see Protector (codes depend on seed and class only, not on the volume).
+        patch_size: edge of each constant cube, voxels. Default 8 (LSP's 2D patch size).
+        grid: cubes per period along each axis. Default 4 (LSP's 32/8 in 2D).
+        class_separation: hypercube half-side in units of the code noise. Default 2.0.
+    """
+
+    name = "lsp"
+
+    def __init__(self, perturbation: ROIBoundedPerturbation, patch_size: int = 8, grid: int = 4,
+                 class_separation: float = 2.0, seed: int = 0, amp: bool = False) -> None:
+        super().__init__(perturbation, seed, amp)
+        if patch_size < 1 or grid < 1:
+            raise ValueError("patch_size and grid must be >= 1.")
+        self.patch_size, self.grid, self.class_separation = int(patch_size), int(grid), float(class_separation)
+
+    def class_code(self, class_index: int, channels: int) -> torch.Tensor:
+        """(channels, grid, grid, grid) code of one class, values scaled into [-1, 1]."""
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + class_index)
+        shape = (channels, self.grid, self.grid, self.grid)
+        vertex = torch.randint(0, 2, shape, generator=generator).float() * 2 - 1
+        code = self.class_separation * vertex + torch.randn(shape, generator=generator)
+        return code / code.abs().max()
+
+    def perturb(self, image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        channels, size = image.shape[1], image.shape[2:]
+        cells = [(torch.arange(n, device=image.device) // self.patch_size) % self.grid for n in size]
+        noise = torch.zeros_like(image)
+        for class_index in torch.unique(label).tolist():
+            code = self.class_code(int(class_index), channels).to(image)
+            pattern = code[:, cells[0][:, None, None], cells[1][None, :, None], cells[2][None, None, :]]
+            noise = torch.where(label == class_index, pattern.unsqueeze(0), noise)
+        return self.perturbation.project(image, self.perturbation.eps * noise, self.support(label))[1]
+
+
+class SurrogateNoise(Protector):
+    """
+    Base of the surrogate-based baselines (EM, SEP, PUE, TAP, UMed): sample-wise noise crafted by
+    projected sign-gradient steps (PGD) on a 3D UNet surrogate F.
+
+    Fitting trains F on batches of patches; with ``train_on_noise`` each batch first gets noise
+    crafted against the current F (``train_steps`` steps), so F and the noise are optimised
+    together (the min-min of EM). ``perturb`` crafts the published noise for a whole volume against
+    the fitted F with ``steps`` steps (the volume is zero-padded to a multiple of ``divisible`` for
+    the UNet and cropped back). Subclasses change ``objective`` (what the noise minimises),
+    ``surrogate_loss`` (what F minimises) and ``bound`` (per-voxel budget).
+
+    3D adaptation, the same for every subclass: noise is re-crafted for each training batch instead
+    of kept in a per-sample table (random patches of a volume overlap differently each epoch), and
+    the published noise is crafted against the final surrogate, so unseen cases can be protected.
+
+    Args:
+        perturbation, seed, amp: see Protector.
+        surrogate: F, C input channels -> K class logits.
+        surrogate_optimizer: optimiser over F's parameters (fitting only).
+        segmentation_loss: e.g. DiceCELoss(to_onehot_y=True, softmax=True).
+        steps: PGD steps for the published noise. Default 10.
+        step_size: PGD step in normalised intensity. Default eps / 4.
+        train_steps: PGD steps per training batch when ``train_on_noise``. Default 5.
+        restarts: PGD runs from random starts; the one with the lowest objective wins. Default 1
+            (a zero start).
+    """
+
+    checkpoint_name = "surrogate.pt"
+    train_on_noise = True
+
+    def __init__(self, perturbation: ROIBoundedPerturbation, surrogate: nn.Module,
+                 surrogate_optimizer: torch.optim.Optimizer | None = None, segmentation_loss=None,
+                 steps: int = 10, step_size: float | None = None, train_steps: int = 5, restarts: int = 1,
+                 divisible: int = 16, seed: int = 0, amp: bool = False) -> None:
+        super().__init__(perturbation, seed, amp)
+        if steps < 1 or train_steps < 0 or restarts < 1:
+            raise ValueError("steps and restarts must be >= 1 and train_steps >= 0.")
+        self.surrogate = surrogate
+        self.surrogate_optimizer = surrogate_optimizer
+        self.segmentation_loss = segmentation_loss
+        self.steps, self.train_steps, self.restarts = int(steps), int(train_steps), int(restarts)
+        self.step_size = float(step_size) if step_size is not None else perturbation.eps / 4
+        self.divisible = int(divisible)
+
+    @property
+    def checkpoint_module(self) -> nn.Module:
+        return self.surrogate
+
+    def bound(self, image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        """Per-voxel L-infinity budget, (B, C or 1, H, W, D): eps on the support."""
+        return self.perturbation.eps * self.support(label)
+
+    def objective(self, image: torch.Tensor, delta: torch.Tensor, label: torch.Tensor,
+                  generator: torch.Generator) -> torch.Tensor:
+        """What the noise minimises; error-minimising by default: the surrogate's loss on x + delta."""
+        return self.segmentation_loss(self.surrogate(image + delta), label)
+
+    def surrogate_loss(self, inputs: torch.Tensor, label: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """What F minimises on its (noisy) training input."""
+        return self.segmentation_loss(self.surrogate(inputs), label)
+
+    def craft(self, image: torch.Tensor, label: torch.Tensor, steps: int) -> torch.Tensor:
+        bound = self.bound(image, label)
+        generator = self.random_generator(image)
+        best, best_objective = torch.zeros_like(image), None
+        for restart in range(self.restarts):
+            delta = bound * _uniform(image.shape, generator, image) if restart else torch.zeros_like(image)
+            for _ in range(steps):
+                delta.requires_grad_(True)
+                with self.autocast(image.device):
+                    objective = self.objective(image, delta, label, generator)
+                (gradient,) = torch.autograd.grad(objective, delta)
+                delta = torch.maximum(torch.minimum(delta.detach() - self.step_size * gradient.sign(), bound), -bound)
+                delta = (image + delta).clamp(0, 1) - image
+            with torch.no_grad(), self.autocast(image.device):
+                final = self.objective(image, delta, label, generator).item()
+            if best_objective is None or final < best_objective:
+                best, best_objective = delta, final
+        return best
+
+    def fit_step(self, image: torch.Tensor, label: torch.Tensor) -> dict[str, float]:
+        if self.surrogate_optimizer is None or self.segmentation_loss is None:
+            raise ValueError(f"fitting {self.name} needs surrogate_optimizer and segmentation_loss.")
+        self.surrogate.eval()
+        delta = self.craft(image, label, self.train_steps) if self.train_on_noise else torch.zeros_like(image)
+        self.surrogate.train()
+        with self.autocast(image.device):
+            loss = self.surrogate_loss(image + delta, label, self.random_generator(image))
+        self.optimiser_step(self.surrogate_optimizer, loss)
+        return {"loss": loss.item()}
+
+    def perturb(self, image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        size = image.shape[2:]
+        padding = [p for n in reversed(size) for p in (0, -n % self.divisible)]
+        padded_image, padded_label = F.pad(image, padding), F.pad(label, padding)
+        self.surrogate.eval()
+        self.surrogate.requires_grad_(False)
+        try:
+            delta = self.craft(padded_image, padded_label, self.steps)
+        finally:
+            self.surrogate.requires_grad_(True)
+        delta = delta[(..., *(slice(0, n) for n in size))]
+        return self.perturbation.project(image, delta, self.support(label))[1]
+
+
+class ErrorMinimizing(SurrogateNoise):
+    """
+    EM (Huang et al., ICLR 2021) in 3D: min-min optimisation, the noise minimising the surrogate's
+    loss while the surrogate trains on the noisy data. Published 2D defaults (eps 8/255, step
+    0.8/255 = eps/10, 20 steps) become 10 steps of eps/4 at protect time and 5 per training batch.
+    Args: see SurrogateNoise.
+    """
+
+    name = "em"
+
+
+class AdversarialPoisoning(SurrogateNoise):
+    """
+    TAP (Fowl et al., NeurIPS 2021) in 3D: the surrogate trains on clean data; the noise then
+    maximises its loss (untargeted) or, with ``targeted``, minimises cross-entropy toward the
+    shifted label (class c -> c + 1 mod K at every voxel), with random restarts.
+
+    Args:
+        targeted: class-shift target instead of loss maximisation. Default True (TAP's main setting).
+        others: see SurrogateNoise (TAP's restarts default to 2 here).
+    """
+
+    name = "tap"
+    train_on_noise = False
+
+    def __init__(self, *args, targeted: bool = True, restarts: int = 2, **kwargs) -> None:
+        super().__init__(*args, restarts=restarts, **kwargs)
+        self.targeted = bool(targeted)
+
+    def objective(self, image, delta, label, generator):
+        logits = self.surrogate(image + delta)
+        if self.targeted:
+            target = (label[:, 0].long() + 1) % logits.shape[1]
+            return F.cross_entropy(logits, target)
+        return -self.segmentation_loss(logits, label)
+
+
+class StableErrorMinimizing(SurrogateNoise):
+    """
+    SEP, the stable error-minimising noise the paper cites (Liu et al., AAAI 2024), in 3D: EM whose
+    surrogate trains on x + delta plus uniform random noise of radius ``random_radius`` (over the
+    whole volume), and whose noise step averages the loss over ``draws`` such random noises.
+
+    Args:
+        random_radius: radius of the random noise; default eps / 2.
+        draws: random noises averaged per noise step. Default 2 (reduced for 3D cost).
+        others: see SurrogateNoise.
+    """
+
+    name = "sep"
+
+    def __init__(self, *args, random_radius: float | None = None, draws: int = 2, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if draws < 1:
+            raise ValueError("draws must be >= 1.")
+        self.random_radius = float(random_radius) if random_radius is not None else self.perturbation.eps / 2
+        self.draws = int(draws)
+
+    def _noisy(self, inputs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return (inputs + self.random_radius * _uniform(inputs.shape, generator, inputs)).clamp(0, 1)
+
+    def objective(self, image, delta, label, generator):
+        losses = [self.segmentation_loss(self.surrogate(self._noisy(image + delta, generator)), label)
+                  for _ in range(self.draws)]
+        return torch.stack(losses).mean()
+
+    def surrogate_loss(self, inputs, label, generator):
+        return self.segmentation_loss(self.surrogate(self._noisy(inputs, generator)), label)
+
+
+class ProvablyUnlearnable(SurrogateNoise):
+    """
+    PUE (Wang et al., NDSS 2025) in 3D: EM where both the surrogate's training loss and the noise's
+    objective are averaged over ``draws`` Gaussian perturbations of the surrogate's weights, each
+    tensor's noise scaled by sigma times that tensor's RMS; sigma ramps linearly from 0 to
+    ``weight_sigma`` over the first ``sigma_ramp_steps`` fit steps and is ``weight_sigma`` at protect time.
+
+    Args:
+        weight_sigma: relative weight-noise cap. Default 0.05.
+        sigma_ramp_steps: fit steps to reach the cap. Default 200.
+        draws: weight draws averaged per loss. Default 2 (reduced for 3D cost).
+        others: see SurrogateNoise.
+    """
+
+    name = "pue"
+
+    def __init__(self, *args, weight_sigma: float = 0.05, sigma_ramp_steps: int = 200, draws: int = 2, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if draws < 1 or weight_sigma < 0:
+            raise ValueError("draws must be >= 1 and weight_sigma >= 0.")
+        self.weight_sigma, self.sigma_ramp_steps, self.draws = float(weight_sigma), int(sigma_ramp_steps), int(draws)
+        self.fit_steps_done = 0
+        self.sigma = self.weight_sigma  # the cap, except while the ramp of a fit is under way
+
+    def _averaged_loss(self, inputs, label, generator):
+        sigma, losses = self.sigma, []
+        for _ in range(self.draws):
+            weights = {
+                name: parameter + sigma * parameter.detach().pow(2).mean().sqrt()
+                * torch.randn(parameter.shape, generator=generator).to(parameter)
+                for name, parameter in self.surrogate.named_parameters()
+            }
+            losses.append(self.segmentation_loss(functional_call(self.surrogate, weights, (inputs,)), label))
+        return torch.stack(losses).mean()
+
+    def objective(self, image, delta, label, generator):
+        return self._averaged_loss(image + delta, label, generator)
+
+    def surrogate_loss(self, inputs, label, generator):
+        return self._averaged_loss(inputs, label, generator)
+
+    def fit_step(self, image, label):
+        self.sigma = self.weight_sigma * min(1.0, self.fit_steps_done / max(self.sigma_ramp_steps, 1))
+        self.fit_steps_done += 1
+        try:
+            return super().fit_step(image, label)
+        finally:
+            self.sigma = self.weight_sigma
+
+
+class UMed(SurrogateNoise):
+    """
+    UMed (Lin et al., arXiv 2403.14250) in 3D: contour- and texture-aware error-minimising noise on
+    the ROI and its contour band. The paper has no public code and its method section gives no
+    formulas we could check, so every choice here is ours:
+
+    - contour band: the voxels within ``contour_width`` of the ROI boundary, inside and outside
+      (dilation minus erosion of the ROI by a cube); support = ROI plus that band;
+    - contour-aware: full eps on the band, and the objective adds ``contour_weight`` times the
+      cross-entropy on the band voxels to the segmentation loss (the noise makes the boundary easy);
+    - texture-aware: inside the ROI the budget is eps * (``texture_floor`` + (1 - floor) * t) with
+      t the local contrast |x - mean of its 3x3x3 neighbourhood| over its 99th percentile in the
+      ROI, clipped to [0, 1]: more noise where texture hides it;
+    - optimisation: EM's min-min with PGD (see SurrogateNoise).
+
+    Args:
+        contour_width: band half-width in voxels. Default 1.
+        contour_weight: weight of the band cross-entropy. Default 1.0.
+        texture_floor: budget fraction in flat ROI regions. Default 0.25.
+        others: see SurrogateNoise.
+    """
+
+    name = "umed"
+
+    def __init__(self, *args, contour_width: int = 1, contour_weight: float = 1.0, texture_floor: float = 0.25,
+                 **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if contour_width < 1 or not 0 <= texture_floor <= 1:
+            raise ValueError("contour_width must be >= 1 and texture_floor in [0, 1].")
+        self.contour_width, self.contour_weight, self.texture_floor = int(contour_width), float(contour_weight), float(texture_floor)
+
+    def _dilate(self, mask: torch.Tensor) -> torch.Tensor:
+        return F.max_pool3d(mask, 2 * self.contour_width + 1, stride=1, padding=self.contour_width)
+
+    def contour_band(self, label: torch.Tensor) -> torch.Tensor:
+        roi = self.perturbation.roi_mask(label)
+        return self._dilate(roi) - (1 - self._dilate(1 - roi))
+
+    def support(self, label: torch.Tensor) -> torch.Tensor:
+        return self._dilate(self.perturbation.roi_mask(label))
+
+    def bound(self, image, label):
+        roi, band = self.perturbation.roi_mask(label), self.contour_band(label)
+        contrast = (image - F.avg_pool3d(image, 3, stride=1, padding=1, count_include_pad=False)).abs()
+        inside = (roi * (1 - band)).expand_as(image) > 0
+        values = contrast[inside]
+        scale = values.kthvalue(max(1, int(0.99 * values.numel()))).values if values.numel() else contrast.new_ones(())
+        texture = (contrast / scale.clamp_min(1e-6)).clamp(0, 1)
+        interior = roi * (1 - band) * (self.texture_floor + (1 - self.texture_floor) * texture)
+        return self.perturbation.eps * (band + interior)
+
+    def objective(self, image, delta, label, generator):
+        logits = self.surrogate(image + delta)
+        band = self.contour_band(label)[:, 0]
+        voxel_losses = F.cross_entropy(logits, label[:, 0].long(), reduction="none")
+        band_loss = (voxel_losses * band).sum() / band.sum().clamp_min(1)
+        return self.segmentation_loss(logits, label) + self.contour_weight * band_loss
+
+
+METHODS = {method.name: method for method in (VoxShield, ErrorMinimizing, AdversarialPoisoning, LinearSeparableNoise,
+                                              StableErrorMinimizing, ProvablyUnlearnable, UMed, RandomNoise)}
+
+
+def select(protectors: dict, method: str) -> Protector:
+    """The configured protector of ``method`` (configs disable the others, which resolve to None)."""
+    if method not in METHODS or protectors.get(method) is None:
+        raise VoxShieldInputError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}.")
+    return protectors[method]
