@@ -81,8 +81,7 @@ class Protector(nn.Module):
 
     def random_generator(self, image: torch.Tensor) -> torch.Generator:
         """A CPU generator seeded by ``seed`` and the volume's bytes."""
-        content = zlib.crc32(image.detach().float().cpu().numpy().tobytes())
-        return torch.Generator().manual_seed(self.seed * 2**32 + content)
+        return torch.Generator().manual_seed(zlib.crc32(image.detach().float().cpu().numpy().tobytes(), self.seed))
 
     def autocast(self, device: torch.device):
         return torch.autocast(device_type=device.type, enabled=self.amp)

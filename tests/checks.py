@@ -8,6 +8,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from scipy import ndimage
 
 CT_WINDOW_WIDTH = 250.0 - (-175.0)
 
@@ -36,8 +37,9 @@ def independent_scales(values: np.ndarray, ct: bool) -> np.ndarray:
     return np.array(scales)
 
 
-def assert_protected_copy(source: Path, output: Path, eps: float, ct: bool) -> dict:
-    """Check every guarantee protect makes; returns the manifest."""
+def assert_protected_copy(source: Path, output: Path, eps: float, ct: bool, support_dilation: int = 0) -> dict:
+    """Check every guarantee protect makes; returns the manifest. ``support_dilation``: the method may
+    also change voxels within this many voxels (a cube) of the label (UMed's contour band)."""
     manifest = json.loads((output / "voxshield_manifest.json").read_text())
     source_files = {p.relative_to(source).as_posix() for p in source.rglob("*") if p.is_file()}
     output_files = {p.relative_to(output).as_posix() for p in output.rglob("*") if p.is_file()}
@@ -53,6 +55,8 @@ def assert_protected_copy(source: Path, output: Path, eps: float, ct: bool) -> d
         assert (output / record["label"]).read_bytes() == (source / record["label"]).read_bytes()
         label = np.asanyarray(nib.load(source / record["label"]).dataobj)
         roi = label > 0
+        if support_dilation:
+            roi = ndimage.binary_dilation(roi, np.ones((3, 3, 3), bool), iterations=support_dilation)
         values = []
         for name in record["images"]:
             original, protected = nib.load(source / name), nib.load(output / name)
