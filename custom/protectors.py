@@ -308,6 +308,8 @@ class SurrogateNoise(Protector):
                  steps: int = 10, step_size: float | None = None, train_steps: int = 5, restarts: int = 1,
                  divisible: int = 16, seed: int = 0, amp: bool = False) -> None:
         super().__init__(perturbation, seed, amp)
+        if isinstance(surrogate, nn.parallel.DistributedDataParallel):
+            raise ValueError(f"{self.name}: multi-GPU fitting is implemented for VoxShield only; fit on one device.")
         if steps < 1 or train_steps < 0 or restarts < 1:
             raise ValueError("steps and restarts must be >= 1 and train_steps >= 0.")
         self.surrogate = surrogate

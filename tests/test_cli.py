@@ -117,13 +117,15 @@ def test_protect_trains_first_only_without_a_checkpoint(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr("monai.bundle.run", lambda run_id, config_file, **kw: calls.append((run_id, kw)))
     run_cli("protect", "--dataset_dir", "D", "--ckpt_dir", str(tmp_path), "--output_dir", "O", "--epochs", "2",
-            "--surrogate_def#channels", "[8,16,16,32,32]", "--network_def#act", "PRELU", "--window_size", "[32,32,16]")
+            "--generator_def#channels", "[8,16,16,32]", "--network_def#act", "PRELU", "--window_size", "[32,32,16]",
+            "--surrogate_def#num_res_units", "1")
     assert [call[0] for call in calls] == ["training", "protect"]
-    # a nested key goes only to the workflow whose config has its root; flat keys go to both
+    # a nested key goes only to the workflows whose config has its root; flat keys go to both
     assert calls[0][1] == {"dataset_dir": "D", "ckpt_dir": str(tmp_path), "epochs": 2, "log_dir": str(tmp_path / "logs"),
-                           "surrogate_def#channels": [8, 16, 16, 32, 32], "window_size": [32, 32, 16]}
+                           "generator_def#channels": [8, 16, 16, 32], "window_size": [32, 32, 16],
+                           "surrogate_def#num_res_units": 1}
     assert calls[1][1] == {"dataset_dir": "D", "ckpt_dir": str(tmp_path), "output_dir": "O", "epochs": 2,
-                           "network_def#act": "PRELU", "window_size": [32, 32, 16]}
+                           "network_def#act": "PRELU", "window_size": [32, 32, 16], "surrogate_def#num_res_units": 1}
 
     calls.clear()
     (tmp_path / "generator.pt").write_bytes(b"weights")

@@ -1,0 +1,94 @@
+"""Every method through the same bundle commands a user runs: `run training --method M`,
+`run protect --method M`, `run evaluate --method M`, and the CLI's `voxshield protect --method M`."""
+
+import json
+
+import nibabel as nib
+import pytest
+import torch
+from monai.networks.nets import UNet
+
+from checks import assert_protected_copy
+from conftest import EPS, run_bundle
+from custom.cli import main as cli_main
+from custom.data import open_dataset
+
+SMALL_SURROGATE = ["--surrogate_def#channels", "[8,16,32]", "--surrogate_def#strides", "[2,2]",
+                   "--surrogate_def#num_res_units", "0"]
+
+
+def fit_and_protect(method, data, tmp_path, *extra):
+    ckpt, output = tmp_path / "ckpt", tmp_path / "protected"
+    trained = run_bundle("training", "--dataset_dir", str(data), "--ckpt_dir", str(ckpt), "--log_dir",
+                         str(tmp_path / "logs"), "--epochs", "1", "--patch_size", "[32,32,16]", "--method", method,
+                         *SMALL_SURROGATE, *extra, config="train.json")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    protected = run_bundle("protect", "--dataset_dir", str(data), "--ckpt_dir", str(ckpt), "--output_dir",
+                           str(output), "--method", method, "--pgd_steps", "2", *SMALL_SURROGATE, *extra,
+                           config="protect.json")
+    assert protected.returncode == 0, protected.stderr[-3000:]
+    return ckpt, output, trained.stdout + trained.stderr
+
+
+@pytest.mark.parametrize("method, support_dilation", [("em", 0), ("tap", 0), ("umed", 1), ("lsp", 0)])
+def test_method_through_the_bundle_commands(method, support_dilation, flare_data, tmp_path):
+    ckpt, output, log = fit_and_protect(method, flare_data, tmp_path)
+    manifest = assert_protected_copy(flare_data, output, EPS, ct=True, support_dilation=support_dilation)
+    assert manifest["method"] == method
+    record = json.loads((ckpt / "training_config.json").read_text())
+    assert record["method"] == method
+    if method == "lsp":
+        assert "lsp is training-free: nothing to fit" in log
+        assert sorted(path.name for path in ckpt.iterdir()) == ["training_config.json"]
+        assert manifest["fitted"] is None
+        assert manifest["parameters"]["patch_size"] == 8
+    else:
+        assert sorted(path.name for path in ckpt.iterdir()) == ["surrogate.pt", "training_config.json"]
+        assert manifest["fitted"]["training"] == record
+        assert manifest["parameters"]["steps"] == 2  # the protect-time override is what the manifest records
+        surrogate = UNet(3, 1, open_dataset(flare_data).num_classes, channels=(8, 16, 32), strides=(2, 2),
+                         num_res_units=0, norm="INSTANCE")
+        surrogate.load_state_dict(torch.load(ckpt / "surrogate.pt", weights_only=True))  # strict, unwrapped
+    if method == "umed":  # the contour band outside the label carries noise too
+        case = manifest["cases"][0]
+        label = nib.load(flare_data / case["label"]).get_fdata()
+        changed = nib.load(output / case["images"][0]).get_fdata() != nib.load(flare_data / case["images"][0]).get_fdata()
+        assert changed[label == 0].any()
+
+
+def test_evaluate_checks_the_method_of_its_training_data(flare_data, tmp_path):
+    _, output, _ = fit_and_protect("random", flare_data, tmp_path)
+    wrong = run_bundle("evaluate", "--train_dir", str(output), "--test_dir", str(flare_data),
+                       "--test_list", "['train_002']", "--method", "em", "--epochs", "1",
+                       "--output_dir", str(tmp_path / "eval"), config="evaluate.json")
+    assert wrong.returncode != 0
+    assert f"voxshield: error: {output}: holds 'random' data, not 'em'" in wrong.stderr
+    assert not (tmp_path / "eval").exists()
+    right = run_bundle("evaluate", "--train_dir", str(output), "--test_dir", str(flare_data),
+                       "--test_list", "['train_002']", "--method", "random", "--epochs", "1", "--patch_size",
+                       "[32,32,16]", "--output_dir", str(tmp_path / "eval"), config="evaluate.json")
+    assert right.returncode == 0, right.stderr[-3000:]
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert results["run"]["method"] == "random" and results["protection"]["fitted"] is None
+
+
+def test_protect_with_a_checkpoint_of_another_method_fails(flare_data, tmp_path):
+    ckpt, _, _ = fit_and_protect("em", flare_data, tmp_path)
+    other = run_bundle("protect", "--dataset_dir", str(flare_data), "--ckpt_dir", str(ckpt), "--output_dir",
+                       str(tmp_path / "other"), "--method", "sep", *SMALL_SURROGATE, config="protect.json")
+    assert other.returncode != 0
+    assert "surrogate.pt: fitted for method 'em', not 'sep'; pass the same --method" in other.stderr
+    assert not (tmp_path / "other").exists()
+
+
+def test_cli_protect_with_a_training_free_method_trains_nothing(flare_data, tmp_path, capsys):
+    ckpt, output = tmp_path / "ckpt", tmp_path / "out"
+    cli_main(["protect", "--dataset_dir", str(flare_data), "--ckpt_dir", str(ckpt), "--output_dir", str(output),
+              "--method", "random"])
+    assert not ckpt.exists()
+    assert "fitting" not in capsys.readouterr().out
+    assert assert_protected_copy(flare_data, output, EPS, ct=True)["method"] == "random"
+    with pytest.raises(SystemExit) as stop:
+        cli_main(["protect", "--dataset_dir", str(flare_data), "--output_dir", str(tmp_path / "x"), "--method", "pgd"])
+    assert stop.value.code == 2
+    assert "unknown method 'pgd'; choose one of voxshield, em, tap" in capsys.readouterr().err
