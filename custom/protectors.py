@@ -298,6 +298,8 @@ class SurrogateNoise(Protector):
         train_steps: PGD steps per training batch when ``train_on_noise``. Default 5.
         restarts: PGD runs from random starts; the one with the lowest objective wins. Default 1
             (a zero start).
+        divisible: whole volumes are zero-padded to a multiple of this (the surrogate's stride
+            product). Default 16.
     """
 
     checkpoint_name = "surrogate.pt"

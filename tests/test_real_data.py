@@ -50,3 +50,20 @@ def test_la_mri_train_and_protect(la_subset, tmp_path):
         assert image.get_data_dtype() == np.float32
         assert record["psnr_db_volume"] > 40  # the perturbation is confined to the atrium
         assert 0 < record["fraction_voxels_changed"] <= record["roi_fraction"]
+
+
+@pytest.mark.parametrize("method, support_dilation", [("umed", 1), ("lsp", 0)])
+def test_la_mri_baselines_keep_the_guarantees(method, support_dilation, la_subset, tmp_path):
+    """A surrogate-based and a training-free baseline on real volumes (sizes not multiples of 16)."""
+    ckpt, output = tmp_path / "ckpt", tmp_path / "protected"
+    small = ["--surrogate_def#channels", "[8,16,32,64,128]", "--surrogate_def#num_res_units", "0"]
+    trained = run_bundle("training", "--dataset_dir", str(la_subset), "--ckpt_dir", str(ckpt), "--log_dir",
+                         str(tmp_path / "logs"), "--epochs", "1", "--method", method, *small, config="train.json")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    protected = run_bundle("protect", "--dataset_dir", str(la_subset), "--ckpt_dir", str(ckpt), "--output_dir",
+                           str(output), "--method", method, "--pgd_steps", "2", *small, config="protect.json")
+    assert protected.returncode == 0, protected.stderr[-3000:]
+    manifest = assert_protected_copy(la_subset, output, EPS, ct=False, support_dilation=support_dilation)
+    assert manifest["method"] == method and len(manifest["cases"]) == 4
+    for record in manifest["cases"]:
+        assert record["psnr_db_volume"] > 40
