@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -62,6 +63,11 @@ def brief_input_errors() -> None:
             default_hook(kind, error, traceback)
         else:
             print(f"voxshield: error: {cause}", file=sys.stderr)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            # Exit now: a data-loading thread pool (MONAI's CacheDataset) may still be inside C++ code,
+            # and unwinding it at interpreter shutdown aborts with "terminate called ..." after our line.
+            os._exit(1)
 
     sys.excepthook = hook
 
