@@ -23,9 +23,9 @@ SHAPE = (32, 32, 16)
 # Test-only probes, added as a third config file: they print what each rank did, nothing else.
 TRAIN_PROBE = {
     "+training": [
-        "$print('PROBE-TRAIN', dist.get_rank(), len(@train#dataloader),"
+        "$print(' '.join(['PROBE-TRAIN', str(dist.get_rank()), str(len(@train#dataloader)),"
         " repr(sum(p.double().sum().item() for p in @generator.parameters())),"
-        " repr(sum(p.double().sum().item() for p in @surrogate.parameters())), flush=True)"
+        " repr(sum(p.double().sum().item() for p in @surrogate.parameters()))]) + '\\n', end='', flush=True)"
     ]
 }
 PROTECT_PROBE_MODULE = '''
@@ -37,7 +37,8 @@ class RankLoggingProtector(DatasetProtector):
     """DatasetProtector that says which rank protects which case."""
 
     def _protect_case(self, case):
-        print(f"PROBE-PROTECT {dist.get_rank()} {case.case_id}", flush=True)
+        # one write per line: the two ranks share the pipe, and print's separate newline write can interleave
+        print(f"PROBE-PROTECT {dist.get_rank()} {case.case_id}\\n", end="", flush=True)
         return super()._protect_case(case)
 '''
 PROTECT_PROBE = {"dataset_protector#_target_": "voxshield_rank_probe.RankLoggingProtector"}
