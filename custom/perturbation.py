@@ -9,6 +9,11 @@ from torch import nn
 _SQUASHES = ("tanh", "none")
 
 
+def dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
+    """Dilate a (B, 1, H, W, D) float mask by a cube of half-width ``radius`` voxels."""
+    return F.max_pool3d(mask, kernel_size=2 * radius + 1, stride=1, padding=radius) if radius else mask
+
+
 class ROIBoundedPerturbation(nn.Module):
     """
     Turns a generator's raw output into VoxShield's bounded perturbation and applies it.
@@ -51,11 +56,7 @@ class ROIBoundedPerturbation(nn.Module):
         (all ones when ``mask_roi`` is off)."""
         if not self.mask_roi:
             return torch.ones_like(label, dtype=torch.float32)
-        mask = (label > 0).float()
-        if self.roi_dilation:
-            size = 2 * self.roi_dilation + 1
-            mask = F.max_pool3d(mask, kernel_size=size, stride=1, padding=self.roi_dilation)
-        return mask
+        return dilate((label > 0).float(), self.roi_dilation)
 
     def project(self, image: torch.Tensor, delta: torch.Tensor, roi: torch.Tensor):
         """The bound without the squash: any candidate delta -> (x_p, effective delta)."""

@@ -19,7 +19,7 @@ from torch.func import functional_call
 
 from custom.losses import InterSliceSpectralLoss, SemanticPredictionDisruptionLoss
 from custom.nifti_io import VoxShieldInputError
-from custom.perturbation import ROIBoundedPerturbation
+from custom.perturbation import ROIBoundedPerturbation, dilate
 
 
 class Protector(nn.Module):
@@ -533,15 +533,12 @@ class UMed(SurrogateNoise):
             raise ValueError("contour_width must be >= 1 and texture_floor in [0, 1].")
         self.contour_width, self.contour_weight, self.texture_floor = int(contour_width), float(contour_weight), float(texture_floor)
 
-    def _dilate(self, mask: torch.Tensor) -> torch.Tensor:
-        return F.max_pool3d(mask, 2 * self.contour_width + 1, stride=1, padding=self.contour_width)
-
     def contour_band(self, label: torch.Tensor) -> torch.Tensor:
         roi = self.perturbation.roi_mask(label)
-        return self._dilate(roi) - (1 - self._dilate(1 - roi))
+        return dilate(roi, self.contour_width) - (1 - dilate(1 - roi, self.contour_width))
 
     def support(self, label: torch.Tensor) -> torch.Tensor:
-        return self._dilate(self.perturbation.roi_mask(label))
+        return dilate(self.perturbation.roi_mask(label), self.contour_width)
 
     def bound(self, image, label):
         roi, band = self.perturbation.roi_mask(label), self.contour_band(label)
