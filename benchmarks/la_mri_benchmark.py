@@ -59,6 +59,8 @@ def main() -> None:
     parser.add_argument("--victim_epochs", type=int, default=15)
     parser.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of " + ",".join(RUNS))
     parser.add_argument("--victims", default="unet", help="comma-separated victims (evaluate.json --victim)")
+    parser.add_argument("--victim_seeds", default="0",
+                        help="comma-separated victim seeds; each victim is trained once per seed (the tables average them)")
     parser.add_argument("--generator_args", default="",
                         help="extra overrides for every VoxShield training run (a run's own override wins)")
     parser.add_argument("--baseline_args", default=BASELINE_SURROGATE,
@@ -95,16 +97,21 @@ def main() -> None:
                 "software": software_versions(), "total_wall_time_s": round(time.perf_counter() - started, 1)}
 
     victim = ["--test_dir", str(data), "--epochs", str(options.victim_epochs)]
-    victims = options.victims.split(",")
+    victims = [(name, int(seed)) for name in options.victims.split(",") for seed in options.victim_seeds.split(",")]
 
-    def results_for(run: str, name: str) -> Path:
-        return results / (run if name == "unet" else f"{run}_{name}")
+    def results_for(run: str, name: str, seed: int) -> Path:
+        folder = run if name == "unet" else f"{run}_{name}"
+        return results / (folder if seed == 0 else f"{folder}_seed{seed}")
+
+    def victim_step(run: str, method: str, train_dir: Path) -> None:
+        for name, seed in victims:
+            output = results_for(run, name, seed)
+            step(f"{name} victim (seed {seed}) on {run}", bundle(
+                "evaluate", "evaluate.json", "--train_dir", str(train_dir), *victim, "--victim", name, "--seed", str(seed),
+                "--method", method, "--output_dir", str(output)), output / "results.json")
 
     if not options.skip_clean:
-        for name in victims:
-            step(f"{name} victim on clean data", bundle(
-                "evaluate", "evaluate.json", "--train_dir", str(data), *victim, "--victim", name, "--method", "clean",
-                "--output_dir", str(results_for("clean", name))), results_for("clean", name) / "results.json")
+        victim_step("clean", "clean", data)
     for run in options.runs.split(","):
         ckpt, protected = work / run / "ckpt", work / run / "protected"
         method = RUNS[run][1]
@@ -121,10 +128,7 @@ def main() -> None:
         step(f"protect {run}", bundle(
             "protect", "protect.json", "--dataset_dir", str(data), "--lists", "['training']", "--ckpt_dir", str(ckpt),
             "--output_dir", str(protected), "--overwrite", "true", "--method", method, *extra), done)
-        for name in victims:
-            step(f"{name} victim on {run}", bundle(
-                "evaluate", "evaluate.json", "--train_dir", str(protected), *victim, "--victim", name, "--method", method,
-                "--output_dir", str(results_for(run, name))), results_for(run, name) / "results.json")
+        victim_step(run, method, protected)
     figure_run = "full" if (work / "full" / "protected").is_dir() else options.runs.split(",")[0]
     step("report", bundle("report", "report.json", "--results", repr([str(results)]), "--output_dir", str(results),
                           "--clean_dir", str(data), "--protected_dir", str(work / figure_run / "protected")))

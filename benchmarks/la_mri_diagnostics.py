@@ -1,0 +1,167 @@
+"""
+Why a victim still learns from a protected copy of ../shared/data/la_mri: the measurements behind
+the protection target of issue 3, from the outputs of benchmarks/la_mri_benchmark.py.
+
+1. Signal scale. For each training case, in the normalised intensities that protect perturbs
+   ([0, 1], the dataset's MRI percentiles): the contrast between the ROI and a ring of --ring voxels
+   around it, the spread of intensities inside the ROI, and the voxel noise inside it (std of the
+   difference between axial neighbours, over sqrt 2), each next to eps.
+2. The perturbation of each protected copy in --work_dir (RUN/protected): mean |delta| / eps and the
+   fraction of ROI voxels at the bound, and delta's RMS over the ROI's voxel noise.
+3. Learning curves. Each victim's mean training loss per epoch (its TensorBoard log in the result
+   folder) beside the clean victim of the same architecture: a shortcut the victim uses shows as a
+   protected curve that falls faster than the clean one; the last epoch's rise over the lowest one
+   shows how much a single short run's final score is luck.
+
+Writes diagnostics.json (with hardware, versions and wall time) and diagnostics.md to --results_dir.
+
+    python benchmarks/la_mri_diagnostics.py [--runs full,random,em,lsp]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+from custom.provenance import hardware, software_versions  # noqa: E402
+from custom.report import load_pair  # noqa: E402
+from custom.verify import dilate  # noqa: E402
+
+DATA = REPO_ROOT.parent / "shared" / "data" / "la_mri"
+EPS = 4 / 255
+
+
+def case_statistics(clean: np.ndarray, protected: np.ndarray, roi: np.ndarray, ring_width: int) -> dict:
+    """Signal scale and perturbation of one single-channel case (H, W, D), normalised units."""
+    ring = dilate(roi, ring_width) & ~roi
+    axial_pairs = roi[..., 1:] & roi[..., :-1]
+    voxel_noise = float(np.std((clean[..., 1:] - clean[..., :-1])[axial_pairs]) / math.sqrt(2))
+    delta = (protected - clean)[roi]
+    return {
+        "roi_ring_contrast": float(abs(clean[roi].mean() - clean[ring].mean())),
+        "roi_std": float(clean[roi].std()),
+        "roi_voxel_noise": voxel_noise,
+        "delta_mean_abs_over_eps": float(np.abs(delta).mean() / EPS),
+        "delta_fraction_at_bound": float((np.abs(delta) >= 0.99 * EPS).mean()),
+        "delta_rms_over_voxel_noise": float(np.sqrt(np.mean(delta**2)) / voxel_noise),
+    }
+
+
+def perturbation_statistics(data: Path, protected: Path, ring_width: int) -> dict:
+    """case_statistics over every case of a protected copy, and their means."""
+    case_ids = [entry["case_id"] for entry in json.loads((protected / "voxshield_manifest.json").read_text())["cases"]]
+    cases = []
+    for case_id in case_ids:
+        pair = load_pair(data, protected, case_id)
+        cases.append(case_statistics(pair.clean[0], pair.protected[0], pair.label > 0, ring_width))
+    return {"cases": len(cases), "mean": {key: float(np.mean([case[key] for case in cases])) for key in cases[0]}}
+
+
+def epoch_losses(result_dir: Path) -> list[float] | None:
+    """Mean victim training loss per epoch from a result folder's TensorBoard log (None without one)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logs = sorted((result_dir / "tensorboard").glob("events.out.tfevents.*"))
+    if not logs:
+        return None
+    accumulator = EventAccumulator(str(logs[-1]))
+    accumulator.Reload()
+    losses = [event.value for event in accumulator.Scalars("victim_loss")]
+    recipe = json.loads((result_dir / "results.json").read_text())["recipe"]
+    per_epoch = recipe["iterations"] // recipe["epochs"]
+    return [float(np.mean(losses[start : start + per_epoch])) for start in range(0, len(losses), per_epoch)]
+
+
+def learning_curves(results: Path) -> dict:
+    """Per result folder: victim, method, DSC, epoch losses, and the gap to the clean victim's curve."""
+    curves = {}
+    for result_file in sorted(results.glob("*/results.json")):
+        result = json.loads(result_file.read_text())
+        losses = epoch_losses(result_file.parent)
+        if losses is None:
+            continue
+        curves[result_file.parent.name] = {
+            "victim": result["recipe"]["victim"],
+            "method": (result.get("protection") or {}).get("method", "clean"),
+            "seed": result["recipe"]["seed"],
+            "dsc_mean": result["metrics"]["aggregate"]["mean_dice"],
+            "epoch_losses": losses,
+            "last_epoch_rise": losses[-1] - min(losses),
+        }
+    for curve in curves.values():
+        clean = [other for other in curves.values() if other["method"] == "clean" and other["victim"] == curve["victim"]
+                 and other["seed"] == curve["seed"]]
+        if clean:
+            gaps = np.subtract(curve["epoch_losses"], clean[0]["epoch_losses"])
+            curve["loss_minus_clean_first_half"] = float(gaps[: len(gaps) // 2].mean())
+    return curves
+
+
+def markdown(report: dict) -> str:
+    scale = report["signal_scale"]
+    lines = [
+        "## Signal scale and perturbation (normalised intensities, eps = 4/255 = %.4f)" % EPS, "",
+        "| copy | ROI-ring contrast / eps | ROI std / eps | ROI voxel noise / eps | mean abs(delta) / eps "
+        "| ROI voxels at the bound | delta RMS / voxel noise |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for run, stats in report["perturbations"].items():
+        mean = stats["mean"]
+        lines.append(f"| {run} ({stats['cases']} cases) | {mean['roi_ring_contrast'] / EPS:.1f} | {mean['roi_std'] / EPS:.1f} "
+                     f"| {mean['roi_voxel_noise'] / EPS:.1f} | {mean['delta_mean_abs_over_eps']:.2f} "
+                     f"| {mean['delta_fraction_at_bound']:.2f} | {mean['delta_rms_over_voxel_noise']:.2f} |")
+    lines += ["", f"Ring: {scale['ring_width']} voxels outside the ROI.", "",
+              "## Victim learning curves (mean training loss per epoch)", "",
+              "| result | victim | method | seed | DSC (%) | loss - clean, first half | last-epoch rise | losses by epoch |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, curve in report["learning_curves"].items():
+        gap = curve.get("loss_minus_clean_first_half")
+        lines.append(f"| {name} | {curve['victim']} | {curve['method']} | {curve['seed']} | {100 * curve['dsc_mean']:.2f} "
+                     f"| {'-' if gap is None else f'{gap:+.3f}'} | {curve['last_epoch_rise']:.3f} "
+                     f"| {' '.join(f'{loss:.3f}' for loss in curve['epoch_losses'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=str(DATA))
+    parser.add_argument("--results_dir", default=str(REPO_ROOT / "benchmarks" / "results" / "la_mri"))
+    parser.add_argument("--work_dir", default="/tmp/voxshield_la_mri_benchmark")
+    parser.add_argument("--runs", default="full,random,em,lsp", help="protected copies (RUN/protected in --work_dir)")
+    parser.add_argument("--ring", type=int, default=3, help="width in voxels of the ring around the ROI")
+    options = parser.parse_args()
+    data, results, work = Path(options.data), Path(options.results_dir), Path(options.work_dir)
+    if not (data / "dataset.json").is_file():
+        sys.exit(f"{data}: la_mri not found (it lives in ../shared/data beside the repository).")
+    started = time.perf_counter()
+    perturbations = {}
+    for run in options.runs.split(","):
+        protected = work / run / "protected"
+        if not (protected / "voxshield_manifest.json").is_file():
+            sys.exit(f"{protected}: no protected copy; run benchmarks/la_mri_benchmark.py --runs {run} first.")
+        print(f"== {run}", flush=True)
+        perturbations[run] = perturbation_statistics(data, protected, options.ring)
+    report = {
+        "signal_scale": {"eps": EPS, "ring_width": options.ring},
+        "perturbations": perturbations,
+        "learning_curves": learning_curves(results),
+        "hardware": hardware(),
+        "software": software_versions(),
+        "wall_time_s": round(time.perf_counter() - started, 1),
+    }
+    (results / "diagnostics.json").write_text(json.dumps(report, indent=1))
+    (results / "diagnostics.md").write_text(markdown(report))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
