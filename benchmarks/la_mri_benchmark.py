@@ -9,6 +9,11 @@ for a 2-core CPU:
    --victims (same recipe, same seed) on the protected copy and score it on the clean test cases;
 3. the paper's tables and the Fig. 3-style figures from all the result files in --results_dir.
 
+Two more runs exist for the protection target's investigation (issue 3), run only when named in
+--runs: ``roi_dilation2`` (VoxShield on the label dilated by 2 voxels) and ``eps16`` (VoxShield
+with a 4x larger bound, 16/255: a positive control, not a setting to publish with). --victim_seeds
+trains every victim once per seed, to measure how much a single run's score varies.
+
 Every step is the bundle command a user would run. Result files, tables, figures and
 ``benchmark.json`` (each command with its wall time and exit code, hardware, versions) go to
 ``--results_dir`` (default benchmarks/results/la_mri); checkpoints and protected volumes go to
@@ -36,12 +41,17 @@ from custom.provenance import hardware, software_versions  # noqa: E402
 
 DATA = REPO_ROOT.parent / "shared" / "data" / "la_mri"
 CONFIGS = "bundles/voxshield_brats/configs"
-RUNS = {  # run name -> the method and its overrides of train.json (the paper's settings otherwise)
-    "full": ["--method", "voxshield"],
-    "no_spd": ["--method", "voxshield", "--lambda_spd", "0"],
-    "no_isc": ["--method", "voxshield", "--lambda_isc", "0"],
-    **{method: ["--method", method] for method in ("random", "lsp", "em", "tap", "umed", "sep", "pue")},
+RUNS = {  # run name -> method, its overrides of train.json alone, its perturbation overrides (train and protect)
+    "full": ("voxshield", [], []),
+    "no_spd": ("voxshield", ["--lambda_spd", "0"], []),
+    "no_isc": ("voxshield", ["--lambda_isc", "0"], []),
+    **{method: (method, [], []) for method in ("random", "lsp", "em", "tap", "umed", "sep", "pue")},
+    # issue 3's probes beyond the paper's settings, run on request: a wider support, and a larger
+    # bound as a positive control (does any VoxShield noise change what the victim learns?)
+    "roi_dilation2": ("voxshield", [], ["--roi_dilation", "2"]),
+    "eps16": ("voxshield", [], ["--eps", repr(16 / 255)]),
 }
+PROTOCOL = ["full", "no_spd", "no_isc", "random", "lsp", "em", "tap", "umed", "sep", "pue"]
 BASELINE_SURROGATE = '--surrogate_def#channels "[16,32,64,128,256]" --surrogate_def#num_res_units 1'
 
 
@@ -57,7 +67,7 @@ def main() -> None:
     parser.add_argument("--generator_epochs", type=int, default=10, help="VoxShield fitting epochs")
     parser.add_argument("--baseline_epochs", type=int, default=5, help="surrogate fitting epochs of the baselines")
     parser.add_argument("--victim_epochs", type=int, default=15)
-    parser.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of " + ",".join(RUNS))
+    parser.add_argument("--runs", default=",".join(PROTOCOL), help="comma-separated, from " + ",".join(RUNS))
     parser.add_argument("--victims", default="unet", help="comma-separated victims (evaluate.json --victim)")
     parser.add_argument("--victim_seeds", default="0",
                         help="comma-separated victim seeds; each victim is trained once per seed (the tables average them)")
@@ -113,21 +123,24 @@ def main() -> None:
     if not options.skip_clean:
         victim_step("clean", "clean", data)
     for run in options.runs.split(","):
+        if run not in RUNS:
+            sys.exit(f"unknown run {run!r}; choose from {', '.join(RUNS)}")
         ckpt, protected = work / run / "ckpt", work / run / "protected"
-        method = RUNS[run][1]
+        method, training_only, perturbation = RUNS[run]
         if method == "voxshield":
-            fitting, extra = ["--epochs", str(options.generator_epochs), *shlex.split(options.generator_args)], []
+            epochs, shared = options.generator_epochs, []
+            training_only = [*shlex.split(options.generator_args), *training_only]
         else:
-            extra = shlex.split(options.baseline_args)
-            fitting = ["--epochs", str(options.baseline_epochs), *extra]
+            epochs, shared = options.baseline_epochs, shlex.split(options.baseline_args)
+        shared = [*shared, "--method", method, *perturbation]
         done = protected / "voxshield_manifest.json"
         if not (options.resume and done.exists()):
             step(f"fit {run}", bundle(
                 "training", "train.json", "--dataset_dir", str(data), "--lists", "['training']", "--ckpt_dir", str(ckpt),
-                "--log_dir", str(work / run / "logs"), *fitting, *RUNS[run]))
+                "--log_dir", str(work / run / "logs"), "--epochs", str(epochs), *shared, *training_only))
         step(f"protect {run}", bundle(
             "protect", "protect.json", "--dataset_dir", str(data), "--lists", "['training']", "--ckpt_dir", str(ckpt),
-            "--output_dir", str(protected), "--overwrite", "true", "--method", method, *extra), done)
+            "--output_dir", str(protected), "--overwrite", "true", *shared), done)
         victim_step(run, method, protected)
     figure_run = "full" if (work / "full" / "protected").is_dir() else options.runs.split(",")[0]
     step("report", bundle("report", "report.json", "--results", repr([str(results)]), "--output_dir", str(results),

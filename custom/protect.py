@@ -213,6 +213,21 @@ class DatasetProtector:
         record = self.checkpoint.with_name(TRAINING_RECORD)
         return json.loads(record.read_text()) if record.is_file() else None
 
+    def _check_fitted_perturbation(self, training: dict) -> None:
+        """The noise was fitted for one bound and support: protecting with others would publish noise
+        that was never optimised for them. Settings missing from an older record are not checked."""
+        perturbation = self.protector.perturbation
+        differing = [
+            f"{name} {training[name]!r} at training, {getattr(perturbation, name)!r} here"
+            for name in ("eps", "roi_dilation", "squash", "mask_roi")
+            if name in training and training[name] != getattr(perturbation, name)
+        ]
+        if differing:
+            raise VoxShieldInputError(
+                f"{self.checkpoint}: fitted with other perturbation settings ({'; '.join(differing)}); "
+                "pass the same values to training and protect."
+            )
+
     def _load_checkpoint(self) -> dict | None:
         """Load what fitting learned; the manifest's record of it (None for a training-free method)."""
         if not self.protector.trainable:
@@ -226,6 +241,7 @@ class DatasetProtector:
                 f"{self.checkpoint}: fitted for method {fitted_method!r}, not {self.protector.name!r}; "
                 "pass the same --method to training and protect."
             )
+        self._check_fitted_perturbation(training or {})
         try:
             state = torch.load(self.checkpoint, map_location=self.device, weights_only=True)
             self.protector.checkpoint_module.load_state_dict(state)

@@ -72,13 +72,20 @@ def test_evaluate_checks_the_method_of_its_training_data(flare_data, tmp_path):
     assert results["run"]["method"] == "random" and results["protection"]["fitted"] is None
 
 
-def test_protect_with_a_checkpoint_of_another_method_fails(flare_data, tmp_path):
+def test_protect_with_a_checkpoint_of_another_method_or_bound_fails(flare_data, tmp_path):
     ckpt, _, _ = fit_and_protect("em", flare_data, tmp_path)
     other = run_bundle("protect", "--dataset_dir", str(flare_data), "--ckpt_dir", str(ckpt), "--output_dir",
                        str(tmp_path / "other"), "--method", "sep", *SMALL_SURROGATE, config="protect.json")
     assert other.returncode != 0
     assert "surrogate.pt: fitted for method 'em', not 'sep'; pass the same --method" in other.stderr
     assert not (tmp_path / "other").exists()
+    wider = run_bundle("protect", "--dataset_dir", str(flare_data), "--ckpt_dir", str(ckpt), "--output_dir",
+                       str(tmp_path / "wider"), "--method", "em", "--roi_dilation", "2", *SMALL_SURROGATE,
+                       config="protect.json")
+    assert wider.returncode != 0
+    assert ("surrogate.pt: fitted with other perturbation settings (roi_dilation 0 at training, 2 here); "
+            "pass the same values") in wider.stderr
+    assert not (tmp_path / "wider").exists()
 
 
 def test_cli_protect_with_a_training_free_method_trains_nothing(flare_data, tmp_path, capsys):
