@@ -67,7 +67,8 @@ def main() -> None:
     parser.add_argument("--generator_epochs", type=int, default=10, help="VoxShield fitting epochs")
     parser.add_argument("--baseline_epochs", type=int, default=5, help="surrogate fitting epochs of the baselines")
     parser.add_argument("--victim_epochs", type=int, default=15)
-    parser.add_argument("--runs", default=",".join(PROTOCOL), help="comma-separated, from " + ",".join(RUNS))
+    parser.add_argument("--runs", default=",".join(PROTOCOL),
+                        help="comma-separated, from " + ",".join(RUNS) + '; "" trains the clean victims only')
     parser.add_argument("--victims", default="unet", help="comma-separated victims (evaluate.json --victim)")
     parser.add_argument("--victim_seeds", default="0",
                         help="comma-separated victim seeds; each victim is trained once per seed (the tables average them)")
@@ -122,7 +123,8 @@ def main() -> None:
 
     if not options.skip_clean:
         victim_step("clean", "clean", data)
-    for run in options.runs.split(","):
+    runs = [run for run in options.runs.split(",") if run]  # --runs "": the clean victims alone
+    for run in runs:
         if run not in RUNS:
             sys.exit(f"unknown run {run!r}; choose from {', '.join(RUNS)}")
         ckpt, protected = work / run / "ckpt", work / run / "protected"
@@ -142,9 +144,10 @@ def main() -> None:
             "protect", "protect.json", "--dataset_dir", str(data), "--lists", "['training']", "--ckpt_dir", str(ckpt),
             "--output_dir", str(protected), "--overwrite", "true", *shared), done)
         victim_step(run, method, protected)
-    figure_run = "full" if (work / "full" / "protected").is_dir() else options.runs.split(",")[0]
+    figure_runs = [run for run in ["full", *runs] if (work / run / "protected").is_dir()]
+    figures = ["--clean_dir", str(data), "--protected_dir", str(work / figure_runs[0] / "protected")] if figure_runs else []
     step("report", bundle("report", "report.json", "--results", repr([str(results)]), "--output_dir", str(results),
-                          "--clean_dir", str(data), "--protected_dir", str(work / figure_run / "protected")))
+                          *figures))
     print(json.dumps(summary()["steps"], indent=1))
 
 
