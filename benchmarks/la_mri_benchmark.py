@@ -81,6 +81,10 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true", help="skip steps whose outputs exist")
     parser.add_argument("--record", default="benchmark.json", help="file name, in --results_dir, of this invocation's record")
     options = parser.parse_args()
+    runs = [run for run in options.runs.split(",") if run]  # --runs "": the clean victims alone
+    unknown = [run for run in runs if run not in RUNS]
+    if unknown:
+        parser.error(f"unknown run(s) {', '.join(unknown)}; choose from {', '.join(RUNS)}")
 
     data, results, work = Path(options.data), Path(options.results_dir), Path(options.work_dir)
     if not (data / "dataset.json").is_file():
@@ -123,10 +127,7 @@ def main() -> None:
 
     if not options.skip_clean:
         victim_step("clean", "clean", data)
-    runs = [run for run in options.runs.split(",") if run]  # --runs "": the clean victims alone
     for run in runs:
-        if run not in RUNS:
-            sys.exit(f"unknown run {run!r}; choose from {', '.join(RUNS)}")
         ckpt, protected = work / run / "ckpt", work / run / "protected"
         method, training_only, perturbation = RUNS[run]
         if method == "voxshield":
