@@ -9,9 +9,11 @@ for a 2-core CPU:
    --victims (same recipe, same seed) on the protected copy and score it on the clean test cases;
 3. the paper's tables and the Fig. 3-style figures from all the result files in --results_dir.
 
-Two more runs exist for the protection target's investigation (issue 3), run only when named in
---runs: ``roi_dilation2`` (VoxShield on the label dilated by 2 voxels) and ``eps16`` (VoxShield
-with a 4x larger bound, 16/255: a positive control, not a setting to publish with). --victim_seeds
+Three more runs exist for the protection target's investigation (issue 3), run only when named in
+--runs: ``roi_dilation2`` (VoxShield on the label dilated by 2 voxels), ``eps16`` (VoxShield with a
+4x larger bound, 16/255: a positive control, not a setting to publish with) and
+``untrained_surrogate`` (``--surrogate_steps 0``: the generator fitted against a surrogate that
+never trains). --victim_seeds
 trains every victim once per seed, to measure how much a single run's score varies.
 
 Every step is the bundle command a user would run. Result files, tables, figures and
@@ -46,10 +48,12 @@ RUNS = {  # run name -> method, its overrides of train.json alone, its perturbat
     "no_spd": ("voxshield", ["--lambda_spd", "0"], []),
     "no_isc": ("voxshield", ["--lambda_isc", "0"], []),
     **{method: (method, [], []) for method in ("random", "lsp", "em", "tap", "umed", "sep", "pue")},
-    # issue 3's probes beyond the paper's settings, run on request: a wider support, and a larger
-    # bound as a positive control (does any VoxShield noise change what the victim learns?)
+    # issue 3's probes beyond the paper's settings, run on request: a wider support; a larger bound as
+    # a positive control (does any VoxShield noise change what the victim learns?); a surrogate left at
+    # its random start, so the noise is shaped for an untrained network as a victim's is at first
     "roi_dilation2": ("voxshield", [], ["--roi_dilation", "2"]),
     "eps16": ("voxshield", [], ["--eps", repr(16 / 255)]),
+    "untrained_surrogate": ("voxshield", ["--surrogate_steps", "0"], []),
 }
 PROTOCOL = ["full", "no_spd", "no_isc", "random", "lsp", "em", "tap", "umed", "sep", "pue"]
 BASELINE_SURROGATE = '--surrogate_def#channels "[16,32,64,128,256]" --surrogate_def#num_res_units 1'
