@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +29,10 @@ ABLATED_METHOD = "voxshield"
 FULL = "full"
 VARIANTS = (FULL, "w/o L_SPD", "w/o L_ISC", "w/o L_SPD and L_ISC")
 CLEAN_REFERENCE = "clean (reference)"
+# train.json's defaults for what shapes the noise: a result fitted with other values stays out of
+# Tables 1-3 (they compare methods as published) and is listed in Table 4
+DEFAULT_SETTINGS = {"eps": 4 / 255, "roi_dilation": 0, "squash": "tanh", "mask_roi": True,
+                    "surrogate_steps": 1, "generator_steps": 1}
 # key in report.json -> (Markdown header, decimals)
 METRICS = {
     "dsc_percent": ("DSC (%)", 2),
@@ -100,7 +105,25 @@ def _variant(result: dict) -> str:
     if not training:
         return FULL
     spd, isc = _enabled(training.get("lambda_spd")), _enabled(training.get("lambda_isc"))
-    return VARIANTS[(not spd) + 2 * (not isc)]  # VARIANTS lists full, w/o SPD, w/o ISC, w/o both
+    ablation = VARIANTS[(not spd) + 2 * (not isc)]  # VARIANTS lists full, w/o SPD, w/o ISC, w/o both
+    other = _other_settings(training)
+    return f"{ablation}; {', '.join(other)}" if other else ablation
+
+
+def _other_settings(training: dict) -> list[str]:
+    """The settings of a training record that differ from DEFAULT_SETTINGS, as "name value"
+    (a setting missing from an older record counts as the default)."""
+    other = []
+    for name, default in DEFAULT_SETTINGS.items():
+        value = training.get(name, default)
+        same = math.isclose(value, default) if isinstance(default, float) else value == default
+        if not same:
+            other.append(_setting_text(name, value))
+    return other
+
+
+def _setting_text(name: str, value) -> str:
+    return f"{name} {value:.4g}" if isinstance(value, float) else f"{name} {value}"
 
 
 def _summary(result: dict) -> dict:
@@ -188,7 +211,18 @@ def _paper_tables(summaries: list[dict]) -> list[_Table]:
         list(METRICS), ablation if has_ablation else [], [CLEAN_REFERENCE, *VARIANTS],
         f"victim {MAIN_VICTIM}; variant from protection.generator.training (lambda_spd, lambda_isc)",
     )
-    return [table for table in (table1, table2, table3) if table.rows]
+    other = [
+        (CLEAN_REFERENCE if s["method"] == "clean" else f"{s['method']}: {s['variant']}", (s["dataset"],), s)
+        for s in summaries
+        if s["victim"] == MAIN_VICTIM and s["variant"] not in VARIANTS
+    ]
+    other_rows = sorted({row for row, _, _ in other} - {CLEAN_REFERENCE})
+    table4 = _build(
+        "table4", "Table 4: settings other than train.json's defaults", "method: variant", ("dataset",),
+        list(METRICS), other if other_rows else [], [CLEAN_REFERENCE, *other_rows],
+        f"victim {MAIN_VICTIM}; defaults: " + ", ".join(_setting_text(*item) for item in DEFAULT_SETTINGS.items()),
+    )
+    return [table for table in (table1, table2, table3, table4) if table.rows]
 
 
 def _cell(summaries: list[dict], metric: str) -> dict:
@@ -281,6 +315,9 @@ def tables(results: list[dict]) -> str:
     - Table 3, ablation of the voxshield generator's losses (from protection.generator.training):
       full, w/o L_SPD (lambda_spd 0), w/o L_ISC (lambda_isc 0), with the clean reference row; UNet victim;
       only when there is a voxshield result.
+    - Table 4, results fitted with settings other than train.json's defaults (DEFAULT_SETTINGS: eps,
+      ROI dilation, squash, ROI masking, surrogate and generator steps), one row per method and
+      variant, with the clean reference row; UNet victim. Tables 1-3 leave these results out.
 
     A cell with several results (e.g. seeds) shows their mean and ``(n=...)``, n counting the
     results that have that metric; "-" marks no result, "n/a" a metric that none of them has.
