@@ -13,8 +13,8 @@ Three more runs exist for the protection target's investigation (issue 3), run o
 --runs: ``roi_dilation2`` (VoxShield on the label dilated by 2 voxels), ``eps16`` (VoxShield with a
 4x larger bound, 16/255: a positive control, not a setting to publish with) and
 ``untrained_surrogate`` (``--surrogate_steps 0``: the generator fitted against a surrogate that
-never trains). --victim_seeds
-trains every victim once per seed, to measure how much a single run's score varies.
+never trains). --victim_seeds trains every victim once per seed, to measure how much a single
+run's score varies.
 
 Every step is the bundle command a user would run. Result files, tables, figures and
 ``benchmark.json`` (each command with its wall time and exit code, hardware, versions) go to

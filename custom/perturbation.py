@@ -51,6 +51,10 @@ class ROIBoundedPerturbation(nn.Module):
         self.squash = squash
         self.mask_roi = bool(mask_roi)
 
+    def settings(self) -> dict:
+        """What shapes the bound and the support, for the manifest and the checkpoint check."""
+        return {"eps": self.eps, "roi_dilation": self.roi_dilation, "squash": self.squash, "mask_roi": self.mask_roi}
+
     def roi_mask(self, label: torch.Tensor) -> torch.Tensor:
         """(B, 1, H, W, D) label map -> float mask of the foreground, dilated by ``roi_dilation``
         (all ones when ``mask_roi`` is off)."""

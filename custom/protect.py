@@ -216,11 +216,10 @@ class DatasetProtector:
     def _check_fitted_perturbation(self, training: dict) -> None:
         """The noise was fitted for one bound and support: protecting with others would publish noise
         that was never optimised for them. Settings missing from an older record are not checked."""
-        perturbation = self.protector.perturbation
         differing = [
-            f"{name} {training[name]!r} at training, {getattr(perturbation, name)!r} here"
-            for name in ("eps", "roi_dilation", "squash", "mask_roi")
-            if name in training and training[name] != getattr(perturbation, name)
+            f"{name} {training[name]!r} at training, {value!r} here"
+            for name, value in self.protector.perturbation.settings().items()
+            if name in training and training[name] != value
         ]
         if differing:
             raise VoxShieldInputError(
@@ -272,14 +271,7 @@ class DatasetProtector:
             load_case(self.dataset, case, allow_empty_label=self.copy_empty_labels)
         self.protector.to(self.device)
         fitted = self._load_checkpoint()
-        perturbation = self.protector.perturbation
-        parameters = {
-            "eps": perturbation.eps,
-            "roi_dilation": perturbation.roi_dilation,
-            "squash": perturbation.squash,
-            "mask_roi": perturbation.mask_roi,
-            **self.protector.settings(),
-        }
+        parameters = {**self.protector.perturbation.settings(), **self.protector.settings()}
         run_info = {"method": self.protector.name, "checkpoint_sha256": fitted and fitted["sha256"], **parameters}
         if rank == 0:
             self._prepare_output(run_info)
@@ -304,7 +296,7 @@ class DatasetProtector:
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "method": self.protector.name,
             "parameters": parameters,
-            "eps_normalised": perturbation.eps,
+            "eps_normalised": self.protector.perturbation.eps,
             "fitted": fitted,
             "software": software_versions(),
             "dataset": {
