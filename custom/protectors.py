@@ -68,6 +68,9 @@ class Protector(nn.Module):
         """(B, 1, H, W, D) float mask of the voxels the method may change."""
         return self.perturbation.roi_mask(label)
 
+    def start_epoch(self) -> None:
+        """Called by the trainer before each pass over the training data; for per-epoch schedules."""
+
     def fit_step(self, image: torch.Tensor, label: torch.Tensor) -> dict[str, float]:
         """One optimisation step on a batch of training patches; returns named losses."""
         raise NotImplementedError(f"{self.name} is training-free: there is nothing to fit.")
@@ -102,7 +105,8 @@ class VoxShield(Protector):
     """
     VoxShield (the paper's method): a generator G makes the noise, trained against a surrogate F
     in alternation. Each ``fit_step`` runs ``surrogate_steps`` updates of F on x_p with G fixed
-    (DiceCE), then ``generator_steps`` updates of G with F frozen, minimising
+    (DiceCE; only on the first ``surrogate_batches_per_epoch`` batches of an epoch when that is
+    set), then ``generator_steps`` updates of G with F frozen, minimising
     L = segmentation_loss(F(x_p), y) + lambda_spd * L_SPD(F(x_p), F(x)) + lambda_isc * L_ISC(delta).
     ``perturb`` runs G over a whole volume with ``inferer`` (sliding windows).
 
@@ -122,6 +126,9 @@ class VoxShield(Protector):
         spd_loss: the L_SPD module; default SemanticPredictionDisruptionLoss().
         surrogate_steps: F updates per batch. Default 1.
         generator_steps: G updates per batch. Default 1.
+        surrogate_batches_per_epoch: update F on this many batches per epoch only (the authors' code:
+            10 surrogate minibatches, then a generator pass over every case); None, the default,
+            updates F on every batch.
     """
 
     name = "voxshield"
@@ -142,12 +149,15 @@ class VoxShield(Protector):
         spd_loss: nn.Module | None = None,
         surrogate_steps: int = 1,
         generator_steps: int = 1,
+        surrogate_batches_per_epoch: int | None = None,
         seed: int = 0,
         amp: bool = False,
     ) -> None:
         super().__init__(perturbation, seed, amp)
         if surrogate_steps < 0 or generator_steps < 1:
             raise ValueError("surrogate_steps must be >= 0 and generator_steps >= 1.")
+        if surrogate_batches_per_epoch is not None and surrogate_batches_per_epoch < 0:
+            raise ValueError(f"surrogate_batches_per_epoch must be None or >= 0, got {surrogate_batches_per_epoch}.")
         self.generator = generator
         self.inferer = inferer
         self.surrogate = surrogate
@@ -160,6 +170,11 @@ class VoxShield(Protector):
         self.spd_loss = spd_loss if spd_loss is not None else SemanticPredictionDisruptionLoss()
         self.surrogate_steps = surrogate_steps
         self.generator_steps = generator_steps
+        self.surrogate_batches_per_epoch = surrogate_batches_per_epoch
+        self._surrogate_batches_left = surrogate_batches_per_epoch
+
+    def start_epoch(self) -> None:
+        self._surrogate_batches_left = self.surrogate_batches_per_epoch
 
     @property
     def checkpoint_module(self) -> nn.Module:
@@ -172,7 +187,11 @@ class VoxShield(Protector):
         surrogate_loss = torch.zeros(())
         self.generator.train()
         self.surrogate.train()
-        for _ in range(self.surrogate_steps):
+        surrogate_steps = self.surrogate_steps
+        if self._surrogate_batches_left is not None:
+            surrogate_steps = surrogate_steps if self._surrogate_batches_left > 0 else 0
+            self._surrogate_batches_left -= 1
+        for _ in range(surrogate_steps):
             with torch.no_grad(), self.autocast(image.device):
                 protected, _ = self.perturbation(image, self.generator(image), roi)
             with self.autocast(image.device):

@@ -32,7 +32,8 @@ VARIANTS = (FULL, "w/o L_SPD", "w/o L_ISC", "w/o L_SPD and L_ISC")
 CLEAN_REFERENCE = "clean (reference)"
 # The defaults (train.json's too) of what shapes the noise: a result fitted with other values stays
 # out of Tables 1-3 (they compare methods as published) and is listed in Table 4
-DEFAULT_SETTINGS = {**ROIBoundedPerturbation().settings(), "surrogate_steps": 1, "generator_steps": 1}
+DEFAULT_SETTINGS = {**ROIBoundedPerturbation().settings(), "surrogate_steps": 1, "generator_steps": 1,
+                    "surrogate_batches_per_epoch": None}
 # key in report.json -> (Markdown header, decimals)
 METRICS = {
     "dsc_percent": ("DSC (%)", 2),
@@ -316,8 +317,9 @@ def tables(results: list[dict]) -> str:
       full, w/o L_SPD (lambda_spd 0), w/o L_ISC (lambda_isc 0), with the clean reference row; UNet victim;
       only when there is a voxshield result.
     - Table 4, results fitted with settings other than train.json's defaults (DEFAULT_SETTINGS: eps,
-      ROI dilation, squash, ROI masking, surrogate and generator steps), one row per method and
-      variant, with the clean reference row; UNet victim. Tables 1-3 leave these results out.
+      ROI dilation, squash, ROI masking, surrogate and generator steps, surrogate batches per epoch),
+      one row per method and variant, with the clean reference row; UNet victim. Tables 1-3 leave
+      these results out.
 
     A cell with several results (e.g. seeds) shows their mean and ``(n=...)``, n counting the
     results that have that metric; "-" marks no result, "n/a" a metric that none of them has.

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
+from ignite.engine import Events
 from monai.engines import Trainer
 from monai.engines.utils import default_prepare_batch
 
@@ -13,9 +14,10 @@ from custom.protectors import Protector
 
 class ProtectorTrainer(Trainer):
     """
-    Fits a Protector: each iteration hands one batch of training patches to ``protector.fit_step``,
-    whose dict of losses becomes ``engine.state.output`` (for StatsHandler / TensorBoardStatsHandler
-    with ``output_transform=lambda output: output``). A training-free protector runs no iteration.
+    Fits a Protector: each epoch starts with ``protector.start_epoch()``, then each iteration hands
+    one batch of training patches to ``protector.fit_step``, whose dict of losses becomes
+    ``engine.state.output`` (for StatsHandler / TensorBoardStatsHandler with
+    ``output_transform=lambda output: output``). A training-free protector runs no iteration.
     Mixed precision is the protector's own (its ``amp``).
 
     Args:
@@ -49,6 +51,7 @@ class ProtectorTrainer(Trainer):
             handlers=handlers,
         )
         self.protector = protector
+        self.add_event_handler(Events.EPOCH_STARTED, lambda engine: protector.start_epoch())
 
     def run(self) -> None:
         if not self.protector.trainable:

@@ -6,12 +6,27 @@ from pathlib import Path
 
 import pytest
 import torch
+from monai.bundle import ConfigParser
 
 from checks import assert_protected_copy
 from conftest import EPS, REPO_ROOT, generator_net, run_bundle
 from custom import bundle_utils
 
 CASES = [("voxshield_flare", "flare_data", True, 1), ("voxshield_brats", "brats_data", False, 4)]
+
+
+@pytest.mark.parametrize("bundle, data_fixture, ct, channels", CASES)
+def test_surrogate_schedule_is_a_config_value(bundle, data_fixture, ct, channels, request):
+    """train.json's default updates F on every batch; --surrogate_batches_per_epoch reaches VoxShield
+    and the training record."""
+    parser = ConfigParser()
+    parser.read_config(REPO_ROOT / "bundles" / bundle / "configs" / "train.json")
+    parser["dataset_dir"] = str(request.getfixturevalue(data_fixture))
+    assert parser.get_parsed_content("protectors#voxshield").surrogate_batches_per_epoch is None
+    parser["surrogate_batches_per_epoch"] = 10
+    parser.parse()
+    assert parser.get_parsed_content("protectors#voxshield").surrogate_batches_per_epoch == 10
+    assert parser.get_parsed_content("training_record#surrogate_batches_per_epoch") == 10
 
 
 @pytest.mark.parametrize("bundle, data_fixture, ct, channels", CASES)
