@@ -108,6 +108,8 @@ def _variant(result: dict) -> str:
     spd, isc = _enabled(training.get("lambda_spd")), _enabled(training.get("lambda_isc"))
     ablation = VARIANTS[(not spd) + 2 * (not isc)]  # VARIANTS lists full, w/o SPD, w/o ISC, w/o both
     other = _other_settings(training)
+    if other and "epochs" in training:  # Table 4 compares fits of any length: keep them apart
+        other.append(f"{training['epochs']} epochs")
     return f"{ablation}; {', '.join(other)}" if other else ablation
 
 
