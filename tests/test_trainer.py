@@ -70,7 +70,7 @@ def test_surrogate_step_updates_the_surrogate_and_loss_is_weighted_sum():
 def test_surrogate_trains_on_the_first_batches_of_each_epoch_only():
     """The authors' schedule: F is updated on the first N batches of every epoch, G on every batch."""
     trainer, generator, surrogate = make_trainer(surrogate_steps=1, surrogate_batches_per_epoch=2, batches=3, epochs=2)
-    updates = []  # (epoch, iteration in epoch, surrogate changed, generator changed)
+    updates = []  # (epoch, iteration in epoch, surrogate changed, generator changed, surrogate loss)
     before = {}
 
     @trainer.on(Events.ITERATION_STARTED)
