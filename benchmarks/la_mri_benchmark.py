@@ -60,6 +60,12 @@ RUNS = {  # run name -> method, its overrides of train.json alone, its perturbat
     "authors_schedule": ("voxshield", ["--surrogate_batches_per_epoch", "10"], []),
     # ... for the paper's 100 generator epochs (about 36 minutes on 2 cores with this schedule)
     "authors_schedule_100": ("voxshield", ["--surrogate_batches_per_epoch", "10", "--epochs", "100"], []),
+    # the paper's own setting, per-batch alternation for 100 generator epochs (about an hour on 2 cores)
+    "paper_100": ("voxshield", ["--epochs", "100"], []),
+    # a bound sweep of the two training-free noises: at which eps does a label-coded pattern (LSP) or
+    # a label-shaped texture (random) start to keep the victim from learning?
+    **{f"{method}_eps{level}": (method, [], ["--eps", repr(level / 255)])
+       for method in ("lsp", "random") for level in (16, 32, 64)},
 }
 PROTOCOL = ["full", "no_spd", "no_isc", "random", "lsp", "em", "tap", "umed", "sep", "pue"]
 BASELINE_SURROGATE = '--surrogate_def#channels "[16,32,64,128,256]" --surrogate_def#num_res_units 1'

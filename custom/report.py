@@ -102,23 +102,30 @@ def _variant(result: dict) -> str:
     if result["run"]["method"] == "clean":
         return "clean"
     protection = result.get("protection") or {}
-    training = (protection.get("fitted") or protection.get("generator") or {}).get("training")  # "generator": older files
-    if not training:
+    # a training-free method has no training record: its perturbation parameters say how it was made
+    settings = _training(result) or protection.get("parameters")
+    if not settings:
         return FULL
-    spd, isc = _enabled(training.get("lambda_spd")), _enabled(training.get("lambda_isc"))
+    spd, isc = _enabled(settings.get("lambda_spd")), _enabled(settings.get("lambda_isc"))
     ablation = VARIANTS[(not spd) + 2 * (not isc)]  # VARIANTS lists full, w/o SPD, w/o ISC, w/o both
-    other = _other_settings(training)
-    if other and "epochs" in training:  # Table 4 compares fits of any length: keep them apart
-        other.append(f"{training['epochs']} epochs")
+    other = _other_settings(settings)
+    if other and "epochs" in settings:  # Table 4 compares fits of any length: keep them apart
+        other.append(f"{settings['epochs']} epochs")
     return f"{ablation}; {', '.join(other)}" if other else ablation
 
 
-def _other_settings(training: dict) -> list[str]:
-    """The settings of a training record that differ from DEFAULT_SETTINGS, as "name value"
-    (a setting missing from an older record counts as the default)."""
+def _training(result: dict) -> dict | None:
+    """The training record of the checkpoint a protected copy was made with, if any."""
+    protection = result.get("protection") or {}
+    return (protection.get("fitted") or protection.get("generator") or {}).get("training")  # "generator": older files
+
+
+def _other_settings(settings: dict) -> list[str]:
+    """The settings of a training record (or a training-free method's parameters) that differ from
+    DEFAULT_SETTINGS, as "name value" (a setting missing from a record counts as the default)."""
     other = []
     for name, default in DEFAULT_SETTINGS.items():
-        value = training.get(name, default)
+        value = settings.get(name, default)
         same = math.isclose(value, default) if isinstance(default, float) else value == default
         if not same:
             other.append(_setting_text(name, value))
@@ -142,6 +149,7 @@ def _summary(result: dict) -> dict:
         "method": run["method"],
         "victim": str(run["victim"]),
         "variant": _variant(result),
+        "fit_epochs": (_training(result) or {}).get("epochs"),
         "test_cases": len(test_cases) if isinstance(test_cases, list) else test_cases,
         "recipe": (recipe.get("epochs"), recipe.get("iterations"), recipe.get("augmentation")),
         "values": {
@@ -174,10 +182,6 @@ class _Table:
         return [summary for cell in self.cells.values() for summary in cell]
 
 
-def _methods_order(methods) -> list[str]:
-    return sorted(set(methods), key=lambda method: (method != "clean", method))
-
-
 def _build(key, title, row_name, group_names, metrics, entries, row_order, scope) -> _Table:
     """``entries``: (row, group, summary) triples."""
     cells: dict = {}
@@ -189,36 +193,50 @@ def _build(key, title, row_name, group_names, metrics, entries, row_order, scope
     return _Table(key, title, row_name, group_names, metrics, rows, groups, cells, scope)
 
 
+def _by_fit_length(summaries: list[dict], name, order) -> tuple[dict[int, str], list[str]]:
+    """Row names and their order: id(summary) -> ``name(summary)``, rows sorted by ``order(name)``.
+    Where one name covers fits of several lengths (training epochs), each length gets a row of its
+    own, "name, N epochs", shortest first, so they are not averaged together (a result without a
+    training record, e.g. an older file, keeps the plain name)."""
+    lengths: dict[str, set] = {}
+    for s in summaries:
+        lengths.setdefault(name(s), set()).add(s["fit_epochs"])
+    split = {row for row, found in lengths.items() if len(found - {None}) > 1}
+    rows = {id(s): f"{name(s)}, {s['fit_epochs']} epochs" if name(s) in split and s["fit_epochs"] is not None
+            else name(s) for s in summaries}
+    ordered = sorted({(order(name(s)), s["fit_epochs"] or 0, rows[id(s)]) for s in summaries})
+    return rows, list(dict.fromkeys(row for *_, row in ordered))
+
+
 def _paper_tables(summaries: list[dict]) -> list[_Table]:
     main = [s for s in summaries if s["variant"] in ("clean", FULL)]
+    method, method_order = _by_fit_length(main, lambda s: s["method"], lambda name: (name != "clean", name))
     table1 = _build(
         "table1", "Table 1: protection methods against a 3D UNet victim", "method", ("dataset",),
-        list(METRICS), [(s["method"], (s["dataset"],), s) for s in main if s["victim"] == MAIN_VICTIM],
-        _methods_order(s["method"] for s in main),
+        list(METRICS), [(method[id(s)], (s["dataset"],), s) for s in main if s["victim"] == MAIN_VICTIM],
+        method_order,
         f"victim {MAIN_VICTIM}; protected data from fully trained generators (no ablations)",
     )
     victims = sorted({s["victim"] for s in main}, key=lambda victim: (victim != MAIN_VICTIM, victim))
     table2 = _build(
         "table2", "Table 2: victim architectures", "victim", ("dataset", "method"),
-        ["dsc_percent", "hd95_mm"], [(s["victim"], (s["dataset"], s["method"]), s) for s in main], victims,
+        ["dsc_percent", "hd95_mm"], [(s["victim"], (s["dataset"], method[id(s)]), s) for s in main], victims,
         "protected data from fully trained generators (no ablations)",
     )
-    ablation = [
-        (CLEAN_REFERENCE if s["method"] == "clean" else s["variant"], (s["dataset"],), s)
-        for s in summaries
-        if s["victim"] == MAIN_VICTIM and s["method"] in ("clean", ABLATED_METHOD)
-    ]
+    ablated = [s for s in summaries if s["victim"] == MAIN_VICTIM and s["method"] in ("clean", ABLATED_METHOD)
+               and s["variant"] in ("clean", *VARIANTS)]
+    variant, variant_order = _by_fit_length(
+        ablated, lambda s: CLEAN_REFERENCE if s["method"] == "clean" else s["variant"],
+        (CLEAN_REFERENCE, *VARIANTS).index)
+    ablation = [(variant[id(s)], (s["dataset"],), s) for s in ablated]
     has_ablation = any(row != CLEAN_REFERENCE for row, _, _ in ablation)
     table3 = _build(
         "table3", f"Table 3: ablation of the {ABLATED_METHOD} generator losses", "variant", ("dataset",),
-        list(METRICS), ablation if has_ablation else [], [CLEAN_REFERENCE, *VARIANTS],
+        list(METRICS), ablation if has_ablation else [], variant_order,
         f"victim {MAIN_VICTIM}; variant from protection.generator.training (lambda_spd, lambda_isc)",
     )
-    other = [
-        (CLEAN_REFERENCE if s["method"] == "clean" else f"{s['method']}: {s['variant']}", (s["dataset"],), s)
-        for s in summaries
-        if s["victim"] == MAIN_VICTIM and s["variant"] not in VARIANTS
-    ]
+    other = [(_other_row(s), (s["dataset"],), s)
+             for s in summaries if s["victim"] == MAIN_VICTIM and s["variant"] not in VARIANTS]
     other_rows = sorted({row for row, _, _ in other} - {CLEAN_REFERENCE})
     table4 = _build(
         "table4", "Table 4: settings other than train.json's defaults", "method: variant", ("dataset",),
@@ -226,6 +244,14 @@ def _paper_tables(summaries: list[dict]) -> list[_Table]:
         f"victim {MAIN_VICTIM}; defaults: " + ", ".join(_setting_text(*item) for item in DEFAULT_SETTINGS.items()),
     )
     return [table for table in (table1, table2, table3, table4) if table.rows]
+
+
+def _other_row(summary: dict) -> str:
+    """Table 4's row name: the method and its settings (the loss ablation only where it applies)."""
+    method, variant = summary["method"], summary["variant"]
+    if method == "clean":
+        return CLEAN_REFERENCE
+    return f"{method}: {variant if method == ABLATED_METHOD else variant.removeprefix(FULL + '; ')}"
 
 
 def _cell(summaries: list[dict], metric: str) -> dict:
@@ -321,7 +347,10 @@ def tables(results: list[dict]) -> str:
     - Table 4, results fitted with settings other than train.json's defaults (DEFAULT_SETTINGS: eps,
       ROI dilation, squash, ROI masking, surrogate and generator steps, surrogate batches per epoch),
       one row per method and variant, with the clean reference row; UNet victim. Tables 1-3 leave
-      these results out.
+      these results out. A training-free method's settings are read from its perturbation parameters.
+
+    Where Tables 1-3 hold fits of one method or variant for several lengths (training epochs), each
+    length gets its own row (column group in Table 2), "name, N epochs", rather than being averaged.
 
     A cell with several results (e.g. seeds) shows their mean and ``(n=...)``, n counting the
     results that have that metric; "-" marks no result, "n/a" a metric that none of them has.

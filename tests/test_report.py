@@ -18,11 +18,12 @@ CHANGE_HU = 6
 
 
 def results_file(folder, method="clean", victim="unet", dataset="FLARE21", dice=0.8, hd95=5.0, psnr=None,
-                 ssim=None, training=None, test_cases=3, epochs=100):
-    """A results.json as custom.evaluate writes it, with only the fields the report reads filled in."""
+                 ssim=None, training=None, test_cases=3, epochs=100, eps=4 / 255, fitted=True):
+    """A results.json as custom.evaluate writes it, with only the fields the report reads filled in
+    (``fitted=False``: a training-free method, no checkpoint)."""
     protection = None if method == "clean" else {
-        "method": method, "parameters": {"eps": 4 / 255, "roi_dilation": 0, "squash": "tanh"},
-        "fitted": {"checkpoint": "generator.pt", "sha256": "0" * 64, "training": training},
+        "method": method, "parameters": {"eps": eps, "roi_dilation": 0, "squash": "tanh"},
+        "fitted": {"checkpoint": "generator.pt", "sha256": "0" * 64, "training": training} if fitted else None,
     }
     content = {
         "format": "voxshield-evaluation/1",
@@ -241,3 +242,25 @@ def test_other_settings_leave_the_paper_tables_for_table_4(tmp_path):
     assert table4["voxshield: full; eps 0.06275, roi_dilation 2, 50 epochs"]["FLARE21 DSC (%)"] == "40.00"
     assert table4["voxshield: w/o L_SPD; surrogate_steps 0, 50 epochs"]["FLARE21 DSC (%)"] == "30.00"
     assert "defaults: eps 0.01569, roi_dilation 0, squash tanh" in markdown
+
+
+def test_fit_lengths_and_training_free_bounds_are_kept_apart(tmp_path):
+    root = tmp_path / "runs"
+    results_file(root / "clean", dice=0.80)
+    results_file(root / "short", "voxshield", dice=0.60, training=full())  # 50 epochs
+    results_file(root / "long", "voxshield", dice=0.20, training={**full(), "epochs": 100})
+    results_file(root / "short_unetr", "voxshield", victim="unetr", dice=0.50, training=full())
+    results_file(root / "lsp", "lsp", dice=0.70, fitted=False)
+    results_file(root / "lsp_eps32", "lsp", dice=0.10, fitted=False, eps=32 / 255)
+    markdown = report.tables(report.collect_results(root))
+
+    table1 = markdown_rows(markdown, "Table 1")
+    assert list(table1) == ["clean", "lsp", "voxshield, 50 epochs", "voxshield, 100 epochs"]
+    assert [table1[row]["FLARE21 DSC (%)"] for row in table1] == ["80.00", "70.00", "60.00", "20.00"]
+    assert markdown_rows(markdown, "Table 2")["unetr"]["FLARE21 voxshield, 50 epochs DSC (%)"] == "50.00"
+    table3 = markdown_rows(markdown, "Table 3")
+    assert {row: cells["FLARE21 DSC (%)"] for row, cells in table3.items()} == {
+        "clean (reference)": "80.00", "full, 50 epochs": "60.00", "full, 100 epochs": "20.00"}
+    table4 = markdown_rows(markdown, "Table 4")
+    assert {row: cells["FLARE21 DSC (%)"] for row, cells in table4.items()} == {
+        "clean (reference)": "80.00", "lsp: eps 0.1255": "10.00"}
