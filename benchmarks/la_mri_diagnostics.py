@@ -12,15 +12,20 @@ the protection target of issue 3, from the outputs of benchmarks/la_mri_benchmar
    folder) beside the clean victim of the same architecture: a shortcut the victim uses shows as a
    protected curve that falls faster than the clean one; the last epoch's rise over the lowest one
    shows how much a single short run's final score is luck.
+4. The surrogate F a VoxShield fit ends with (--surrogates RUN,...: RUN/ckpt/surrogate.pt), scored
+   like a victim (evaluate.json's sliding window): on the clean test cases, and on the first
+   --surrogate_cases training cases, clean and protected. F was trained on x_p beside the generator
+   that made it: a clean score far under its protected one means F came to rely on the noise.
 
 Writes diagnostics.json (with hardware, versions and wall time) and diagnostics.md to --results_dir.
 
-    python benchmarks/la_mri_diagnostics.py [--runs full,random,em,lsp]
+    python benchmarks/la_mri_diagnostics.py [--runs full,random,em,lsp] [--surrogates full,paper_100]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -37,6 +42,7 @@ from custom.report import load_pair  # noqa: E402
 from custom.verify import dilate  # noqa: E402
 
 DATA = REPO_ROOT.parent / "shared" / "data" / "la_mri"
+CONFIGS = REPO_ROOT / "bundles" / "voxshield_brats" / "configs"  # the bundle la_mri_benchmark.py runs
 EPS = 4 / 255
 
 
@@ -106,6 +112,36 @@ def learning_curves(results: Path) -> dict:
     return curves
 
 
+def surrogate_scores(data: Path, run_dir: Path, training_cases: int) -> dict:
+    """Mean DSC of RUN/ckpt/surrogate.pt on the clean test cases and on the first ``training_cases``
+    training cases, clean and protected (RUN/protected)."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    from custom.evaluate import held_out_split, score_cases
+    from custom.seg_metrics import aggregate
+
+    def parsed(config: str, key: str):
+        parser = ConfigParser()
+        parser.read_config(str(CONFIGS / config))
+        parser["dataset_dir"] = parser["train_dir"] = str(data)
+        return parser.get_parsed_content(key)
+
+    surrogate = parsed("train.json", "surrogate_def")
+    surrogate.load_state_dict(torch.load(run_dir / "ckpt" / "surrogate.pt", map_location="cpu", weights_only=True))
+    inferer = parsed("evaluate.json", "inferer")
+    protected, test = held_out_split(str(run_dir / "protected"), str(data))
+    clean, _ = held_out_split(str(data), str(data))
+
+    def dsc(spec, cases=None) -> float:
+        spec = dataclasses.replace(spec, cases=spec.cases[:cases])
+        return aggregate(score_cases(surrogate, inferer, spec))["mean_dice"]
+
+    return {"clean_test": dsc(test), "clean_training": dsc(clean, training_cases),
+            "protected_training": dsc(protected, training_cases), "training_cases": training_cases,
+            "test_cases": len(test.cases)}
+
+
 def markdown(report: dict) -> str:
     scale = report["signal_scale"]
     lines = [
@@ -128,6 +164,13 @@ def markdown(report: dict) -> str:
         lines.append(f"| {name} | {curve['victim']} | {curve['method']} | {curve['seed']} | {100 * curve['dsc_mean']:.2f} "
                      f"| {'-' if gap is None else f'{gap:+.3f}'} | {curve['last_epoch_rise']:.3f} "
                      f"| {' '.join(f'{loss:.3f}' for loss in curve['epoch_losses'])} |")
+    if report["surrogates"]:
+        lines += ["", "## The fitted surrogate F, scored like a victim (mean DSC, %)", "",
+                  "| fit | clean test cases | clean training cases | their protected copies |", "| --- | --- | --- | --- |"]
+        for run, scores in report["surrogates"].items():
+            lines.append(f"| {run} | {100 * scores['clean_test']:.2f} ({scores['test_cases']}) "
+                         f"| {100 * scores['clean_training']:.2f} ({scores['training_cases']}) "
+                         f"| {100 * scores['protected_training']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -138,6 +181,8 @@ def main() -> None:
     parser.add_argument("--work_dir", default="/tmp/voxshield_la_mri_benchmark")
     parser.add_argument("--runs", default="full,random,em,lsp", help="protected copies (RUN/protected in --work_dir)")
     parser.add_argument("--ring", type=int, default=3, help="width in voxels of the ring around the ROI")
+    parser.add_argument("--surrogates", default="", help="VoxShield fits whose surrogate to score (RUN/ckpt/surrogate.pt)")
+    parser.add_argument("--surrogate_cases", type=int, default=10, help="training cases the surrogates are scored on")
     options = parser.parse_args()
     data, results, work = Path(options.data), Path(options.results_dir), Path(options.work_dir)
     if not (data / "dataset.json").is_file():
@@ -150,9 +195,16 @@ def main() -> None:
             sys.exit(f"{protected}: no protected copy; run benchmarks/la_mri_benchmark.py --runs {run} first.")
         print(f"== {run}", flush=True)
         perturbations[run] = perturbation_statistics(data, protected, options.ring)
+    surrogates = {}
+    for run in filter(None, options.surrogates.split(",")):
+        if not (work / run / "ckpt" / "surrogate.pt").is_file():
+            sys.exit(f"{work / run / 'ckpt' / 'surrogate.pt'}: not found; only a VoxShield fit writes one.")
+        print(f"== surrogate of {run}", flush=True)
+        surrogates[run] = surrogate_scores(data, work / run, options.surrogate_cases)
     report = {
         "signal_scale": {"eps": EPS, "ring_width": options.ring},
         "perturbations": perturbations,
+        "surrogates": surrogates,
         "learning_curves": learning_curves(results),
         "hardware": hardware(),
         "software": software_versions(),

@@ -33,6 +33,41 @@ def evaluation_regions(spec: DatasetSpec) -> dict[str, list[int]]:
     return {spec.labels[value]: [value] for value in spec.label_values if value != 0}
 
 
+def score_cases(network: torch.nn.Module, inferer, spec: DatasetSpec, device="cpu") -> list[dict]:
+    """
+    Segments every case of ``spec`` with ``network`` (in eval mode, through ``inferer``, on
+    intensities normalised as protect and the victims see them) and scores it against its label.
+
+    Returns:
+        one record per case: ``case_id`` and custom.seg_metrics.case_metrics's DSC and HD95 (mm,
+        from the label's voxel spacing) per region of evaluation_regions(spec), with their means.
+    """
+    network.eval()
+    regions, values = evaluation_regions(spec), np.array(spec.label_values)
+    records = []
+    for case in tqdm(spec.cases, desc="evaluate"):
+        loaded = load_case(spec, case)
+        image = torch.as_tensor(normalise(loaded.image, loaded.offsets, loaded.scales)[None], device=device)
+        with torch.no_grad():
+            prediction = inferer(image, network).argmax(1)[0].cpu().numpy()
+        spacing = nib.load(spec.root / case.label).header.get_zooms()[:3]
+        metrics = case_metrics(values[prediction], loaded.label, spacing, regions)
+        records.append({"case_id": case.case_id, **metrics})
+    return records
+
+
+def manifest_protection(folder: str | Path) -> dict | None:
+    """What a protected copy says of its making (method, parameters, fitted: the checkpoint and its
+    training record, or None for a training-free method), from its manifest; None for clean data.
+    A manifest written before "generator" was renamed "fitted" is read the same way."""
+    manifest = Path(folder) / MANIFEST_NAME
+    if not manifest.is_file():
+        return None
+    content = json.loads(manifest.read_text())
+    return {"method": content.get("method"), "parameters": content.get("parameters"),
+            "fitted": content.get("fitted", content.get("generator"))}
+
+
 def _only(spec: DatasetSpec, case_ids: set[str]) -> DatasetSpec:
     return dataclasses.replace(spec, cases=[case for case in spec.cases if case.case_id in case_ids])
 
@@ -150,21 +185,6 @@ class VictimEvaluation:
         self.output_dir = Path(output_dir)
         self.recipe = recipe
         self.device = torch.device(device)
-        self.regions = evaluation_regions(test)
-
-    def _score(self) -> list[dict]:
-        self.network.eval()
-        values = np.array(self.test.label_values)
-        records = []
-        for case in tqdm(self.test.cases, desc="evaluate"):
-            loaded = load_case(self.test, case)
-            image = torch.as_tensor(normalise(loaded.image, loaded.offsets, loaded.scales)[None], device=self.device)
-            with torch.no_grad():
-                prediction = self.inferer(image, self.network).argmax(1)[0].cpu().numpy()
-            spacing = nib.load(self.test.root / case.label).header.get_zooms()[:3]
-            metrics = case_metrics(values[prediction], loaded.label, spacing, self.regions)
-            records.append({"case_id": case.case_id, **metrics})
-        return records
 
     def _imperceptibility(self) -> dict | None:
         if self.train.root == self.test.root:
@@ -202,18 +222,14 @@ class VictimEvaluation:
         return {"aggregate": mean, "cases": records, "definitions": {"psnr": PSNR_DESCRIPTION, "ssim": SSIM_DESCRIPTION}}
 
     def _protection(self) -> dict | None:
-        manifest = self.train.root / MANIFEST_NAME
-        if not manifest.is_file():
-            return None
-        content = json.loads(manifest.read_text())
-        return {key: content.get(key) for key in ("method", "parameters", "fitted")}
+        return manifest_protection(self.train.root)
 
     def run(self, trainer) -> dict:
         """Train with ``trainer`` (a MONAI trainer over ``network``), evaluate, write the results."""
         start = time.perf_counter()
         trainer.run()
         trained = time.perf_counter()
-        cases = self._score()
+        cases = score_cases(self.network, self.inferer, self.test, self.device)
         evaluated = time.perf_counter()
         protection = self._protection()
         results = {
