@@ -3,11 +3,14 @@
 import json
 import math
 
+import nibabel as nib
+import numpy as np
 import pytest
+import torch
 
 from conftest import run_bundle
 from custom.data import open_dataset
-from custom.evaluate import BRATS_REGIONS, evaluation_regions, held_out_split, manifest_protection
+from custom.evaluate import BRATS_REGIONS, evaluation_regions, held_out_split, manifest_protection, score_cases
 from custom.nifti_io import VoxShieldInputError
 from test_protect import protector
 
@@ -56,6 +59,37 @@ def test_manifest_protection_reads_old_and_new_manifests(tmp_path):
             {"method": "voxshield", "parameters": parameters, key: fitted, "cases": []}))
         assert manifest_protection(folder) == {"method": "voxshield", "parameters": parameters, "fitted": fitted}
     assert manifest_protection(tmp_path) is None  # clean data: no manifest
+
+
+class Threshold(torch.nn.Module):
+    """Two-class logits that call every normalised intensity above 0.5 foreground."""
+
+    def forward(self, image):
+        return torch.cat([0.5 - image, image - 0.5], dim=1)
+
+
+def test_score_cases_segments_and_scores_each_case(tmp_path):
+    # An MRI volume of 100 and 1000 (its non-zero percentiles, so normalised to 0 and 1) whose bright
+    # cube is the label shifted by ``shift`` voxels along the first axis:
+    # Dice = 2 * overlap / (512 + 512), overlap = (8 - shift) * 64.
+    entries = []
+    for case_id, shift in (("a", 0), ("b", 2), ("c", 8)):
+        image, label = np.full((20, 16, 16), 100, np.float32), np.zeros((20, 16, 16), np.uint8)
+        image[4 + shift:12 + shift, 4:12, 4:12] = 1000
+        label[4:12, 4:12, 4:12] = 1
+        for folder, volume in (("imagesTr", image), ("labelsTr", label)):
+            (tmp_path / folder).mkdir(exist_ok=True)
+            nib.save(nib.Nifti1Image(volume, np.eye(4)), tmp_path / folder / f"{case_id}.nii.gz")
+        entries.append({"image": f"imagesTr/{case_id}.nii.gz", "label": f"labelsTr/{case_id}.nii.gz"})
+    (tmp_path / "dataset.json").write_text(json.dumps({
+        "name": "cubes", "modality": {"0": "MRI"}, "labels": {"0": "background", "1": "atrium"}, "training": entries}))
+
+    records = score_cases(Threshold(), lambda image, network: network(image), open_dataset(tmp_path))
+
+    assert [r["case_id"] for r in records] == ["a", "b", "c"]
+    assert [r["regions"]["atrium"]["dice"] for r in records] == pytest.approx([1.0, 2 * 6 * 64 / 1024, 0.0])
+    assert records[0]["regions"]["atrium"]["hd95_mm"] == pytest.approx(0.0)
+    assert records[1]["regions"]["atrium"]["hd95_mm"] == pytest.approx(2.0)  # every shifted face is 2 voxels off
 
 
 def test_regions(flare_data, brats_data):
