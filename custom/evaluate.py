@@ -17,7 +17,7 @@ from tqdm import tqdm
 from custom.data import BRATS_LABELS, DatasetSpec, load_case, normalise, open_dataset
 from custom.metrics import PSNR_DESCRIPTION, SSIM_DESCRIPTION, psnr, ssim_3d
 from custom.nifti_io import VoxShieldInputError, write_atomic
-from custom.protect import MANIFEST_NAME
+from custom.protect import MANIFEST_NAME, fitted_record
 from custom.provenance import hardware, software_versions
 from custom.seg_metrics import aggregate, case_metrics
 
@@ -59,13 +59,12 @@ def score_cases(network: torch.nn.Module, inferer, spec: DatasetSpec, device="cp
 def manifest_protection(folder: str | Path) -> dict | None:
     """What a protected copy says of its making (method, parameters, fitted: the checkpoint and its
     training record, or None for a training-free method), from its manifest; None for clean data.
-    A manifest written before "generator" was renamed "fitted" is read the same way."""
+    An older manifest's "generator" entry is read as "fitted" (see fitted_record)."""
     manifest = Path(folder) / MANIFEST_NAME
     if not manifest.is_file():
         return None
     content = json.loads(manifest.read_text())
-    return {"method": content.get("method"), "parameters": content.get("parameters"),
-            "fitted": content.get("fitted", content.get("generator"))}
+    return {"method": content.get("method"), "parameters": content.get("parameters"), "fitted": fitted_record(content)}
 
 
 def _only(spec: DatasetSpec, case_ids: set[str]) -> DatasetSpec:

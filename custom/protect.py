@@ -33,6 +33,13 @@ MANIFEST_NAME = "voxshield_manifest.json"
 PROGRESS_DIR = ".voxshield_progress"
 
 
+def fitted_record(record: dict) -> dict | None:
+    """The "fitted" entry of a manifest, or of a results file's protection block (a copy of it): the
+    checkpoint and its training record; None for a training-free method. Files written before the
+    key was renamed call it "generator"."""
+    return record.get("fitted") or record.get("generator")
+
+
 def bounded_stored_values(stored: np.ndarray, delta: np.ndarray, slope: float, bound: float) -> np.ndarray:
     """
     Add a perturbation given in source units to values stored as ``stored * slope + inter`` and

@@ -17,7 +17,7 @@ from custom.data import Case, load_case, normalise, open_dataset
 from custom.evaluate import RESULTS_NAME
 from custom.nifti_io import VoxShieldInputError, write_atomic
 from custom.perturbation import ROIBoundedPerturbation
-from custom.protect import MANIFEST_NAME
+from custom.protect import MANIFEST_NAME, fitted_record
 
 RESULTS_FORMAT = "voxshield-evaluation/1"
 REPORT_FORMAT = "voxshield-report/1"
@@ -116,8 +116,7 @@ def _variant(result: dict) -> str:
 
 def _training(result: dict) -> dict | None:
     """The training record of the checkpoint a protected copy was made with, if any."""
-    protection = result.get("protection") or {}
-    return (protection.get("fitted") or protection.get("generator") or {}).get("training")  # "generator": older files
+    return (fitted_record(result.get("protection") or {}) or {}).get("training")
 
 
 def _other_settings(settings: dict) -> list[str]:
@@ -182,14 +181,15 @@ class _Table:
         return [summary for cell in self.cells.values() for summary in cell]
 
 
-def _build(key, title, row_name, group_names, metrics, entries, row_order, scope) -> _Table:
-    """``entries``: (row, group, summary) triples."""
+def _build(key, title, row_name, group_names, metrics, entries, row_order, scope, method_order=()) -> _Table:
+    """``entries``: (row, group, summary) triples; column groups by dataset, then (for groups that
+    name a method) in ``method_order``."""
     cells: dict = {}
     for row, group, summary in entries:
         cells.setdefault((row, group), []).append(summary)
     rows = [row for row in row_order if any(cell_row == row for cell_row, _ in cells)]
-    # by dataset; within a dataset clean first, then the methods by name
-    groups = sorted({group for _, group in cells}, key=lambda group: (group[0], [(m != "clean", m) for m in group[1:]]))
+    groups = sorted({group for _, group in cells},
+                    key=lambda group: (group[0], [method_order.index(m) for m in group[1:]]))
     return _Table(key, title, row_name, group_names, metrics, rows, groups, cells, scope)
 
 
@@ -221,7 +221,7 @@ def _paper_tables(summaries: list[dict]) -> list[_Table]:
     table2 = _build(
         "table2", "Table 2: victim architectures", "victim", ("dataset", "method"),
         ["dsc_percent", "hd95_mm"], [(s["victim"], (s["dataset"], method[id(s)]), s) for s in main], victims,
-        "protected data from fully trained generators (no ablations)",
+        "protected data from fully trained generators (no ablations)", method_order,
     )
     ablated = [s for s in summaries if s["victim"] == MAIN_VICTIM and s["method"] in ("clean", ABLATED_METHOD)
                and s["variant"] in ("clean", *VARIANTS)]

@@ -257,7 +257,12 @@ def test_fit_lengths_and_training_free_bounds_are_kept_apart(tmp_path):
     table1 = markdown_rows(markdown, "Table 1")
     assert list(table1) == ["clean", "lsp", "voxshield, 50 epochs", "voxshield, 100 epochs"]
     assert [table1[row]["FLARE21 DSC (%)"] for row in table1] == ["80.00", "70.00", "60.00", "20.00"]
-    assert markdown_rows(markdown, "Table 2")["unetr"]["FLARE21 voxshield, 50 epochs DSC (%)"] == "50.00"
+    table2 = markdown_rows(markdown, "Table 2")
+    assert table2["unetr"]["FLARE21 voxshield, 50 epochs DSC (%)"] == "50.00"
+    # columns follow Table 1's rows: clean, the methods by name, a method's fits shortest first
+    assert [header for header in table2["unet"] if "DSC" in header] == [
+        "FLARE21 clean DSC (%)", "FLARE21 lsp DSC (%)", "FLARE21 voxshield, 50 epochs DSC (%)",
+        "FLARE21 voxshield, 100 epochs DSC (%)"]
     table3 = markdown_rows(markdown, "Table 3")
     assert {row: cells["FLARE21 DSC (%)"] for row, cells in table3.items()} == {
         "clean (reference)": "80.00", "full, 50 epochs": "60.00", "full, 100 epochs": "20.00"}
