@@ -44,6 +44,7 @@ RUN python -c "import sys, torch; v = torch.__version__.split('+')[0]; sys.exit(
 # The package (custom/ and the bundles' configs as package data) and the `voxshield` console script.
 COPY pyproject.toml README.md LICENSE ./
 COPY custom/ custom/
+COPY configs/ configs/
 COPY bundles/voxshield_flare/LICENSE bundles/voxshield_flare/
 COPY bundles/voxshield_flare/configs/ bundles/voxshield_flare/configs/
 COPY bundles/voxshield_flare/docs/ bundles/voxshield_flare/docs/

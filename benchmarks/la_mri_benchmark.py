@@ -41,10 +41,11 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+from custom.bundle_utils import config_files  # noqa: E402
 from custom.provenance import hardware, software_versions  # noqa: E402
 
 DATA = REPO_ROOT.parent / "shared" / "data" / "la_mri"
-CONFIGS = "bundles/voxshield_brats/configs"
+BUNDLE = "voxshield_brats"
 RUNS = {  # run name -> method, its overrides of train.json alone, its perturbation overrides (train and protect)
     "full": ("voxshield", [], []),
     "no_spd": ("voxshield", ["--lambda_spd", "0"], []),
@@ -71,8 +72,10 @@ PROTOCOL = ["full", "no_spd", "no_isc", "random", "lsp", "em", "tap", "umed", "s
 BASELINE_SURROGATE = '--surrogate_def#channels "[16,32,64,128,256]" --surrogate_def#num_res_units 1'
 
 
-def bundle(run_id: str, config: str, *args: str) -> list[str]:
-    return [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", f"{CONFIGS}/{config}", *args]
+def bundle(run_id: str, *args: str) -> list[str]:
+    """`python -m monai.bundle run RUN_ID` of the brats bundle, its configs named relative to the repository."""
+    configs = [Path(path).relative_to(REPO_ROOT).as_posix() for path in config_files(BUNDLE, run_id)]
+    return [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", repr(configs), *args]
 
 
 def main() -> None:
@@ -138,7 +141,7 @@ def main() -> None:
         for name, seed in victims:
             output = results_for(run, name, seed)
             step(f"{name} victim (seed {seed}) on {run}", bundle(
-                "evaluate", "evaluate.json", "--train_dir", str(train_dir), *victim, "--victim", name, "--seed", str(seed),
+                "evaluate", "--train_dir", str(train_dir), *victim, "--victim", name, "--seed", str(seed),
                 "--method", method, "--output_dir", str(output)), output / "results.json")
 
     if not options.skip_clean:
@@ -155,15 +158,15 @@ def main() -> None:
         done = protected / "voxshield_manifest.json"
         if not (options.resume and done.exists()):
             step(f"fit {run}", bundle(
-                "training", "train.json", "--dataset_dir", str(data), "--lists", "['training']", "--ckpt_dir", str(ckpt),
+                "training", "--dataset_dir", str(data), "--lists", "['training']", "--ckpt_dir", str(ckpt),
                 "--log_dir", str(work / run / "logs"), "--epochs", str(epochs), *shared, *training_only))
         step(f"protect {run}", bundle(
-            "protect", "protect.json", "--dataset_dir", str(data), "--lists", "['training']", "--ckpt_dir", str(ckpt),
+            "protect", "--dataset_dir", str(data), "--lists", "['training']", "--ckpt_dir", str(ckpt),
             "--output_dir", str(protected), "--overwrite", "true", *shared), done)
         victim_step(run, method, protected)
     figure_runs = [run for run in ["full", *runs] if (work / run / "protected").is_dir()]
     figures = ["--clean_dir", str(data), "--protected_dir", str(work / figure_runs[0] / "protected")] if figure_runs else []
-    step("report", bundle("report", "report.json", "--results", repr([str(results)]), "--output_dir", str(results),
+    step("report", bundle("report", "--results", repr([str(results)]), "--output_dir", str(results),
                           *figures))
     print(json.dumps(summary()["steps"], indent=1))
 

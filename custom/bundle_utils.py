@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import sys
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from custom.demo import make_demo_dataset
 from custom.nifti_io import VoxShieldInputError, write_atomic
 
 TRAINING_RECORD = "training_config.json"
+BUNDLE_CONFIG = "bundle.json"
+# workflow -> the shared configs layered after the bundle's own bundle.json, in order; an exported
+# model-zoo bundle holds the merged result under the last name (configs/protect.json ...)
+WORKFLOW_CONFIGS = {
+    "training": ("train.json",),
+    "protect": ("train.json", "protect.json"),
+    "evaluate": ("evaluate.json",),
+    "report": ("report.json",),
+}
 
 
 def bundle_root(name: str) -> str:
@@ -28,6 +39,53 @@ def bundle_root(name: str) -> str:
     if not (package.parent / "bundles" / name).is_dir() and installed.is_dir():
         return str(installed)
     return str(package.parent / "bundles" / name)
+
+
+def shared_configs() -> Path:
+    """The configs both bundles share: configs/ in this repository, custom/configs in an installed package."""
+    package = Path(__file__).resolve().parent
+    checkout = package.parent / "configs"
+    return checkout if (checkout / "train.json").is_file() else package / "configs"
+
+
+def config_files(name: str, workflow: str) -> list[str]:
+    """
+    The config files that make up ``workflow`` (training, protect, evaluate, report) of bundle
+    ``name``, in the order ``monai.bundle run --config_file`` merges them: the bundle's
+    configs/bundle.json (its folder and demo data), then the shared configs. An exported model-zoo
+    bundle has no bundle.json: its configs/<workflow>.json is already the merged, self-contained file.
+    """
+    configs = Path(bundle_root(name)) / "configs"
+    layers = WORKFLOW_CONFIGS[workflow]
+    if not (configs / BUNDLE_CONFIG).is_file():
+        return [str(configs / layers[-1])]
+    return [str(configs / BUNDLE_CONFIG)] + [str(shared_configs() / layer) for layer in layers]
+
+
+def network_record(network: torch.nn.Module) -> dict:
+    """
+    What a network was built with, for the training record: its class, its constructor arguments
+    that the instance keeps as attributes (MONAI's UNet keeps channels, strides, num_res_units, norm,
+    act ...), and its parameter count, so runs with another architecture can be told apart.
+    """
+    arguments = inspect.signature(type(network).__init__).parameters
+    kept = {name: _json_value(getattr(network, name)) for name in arguments if name != "self" and hasattr(network, name)}
+    return {
+        "class": f"{type(network).__module__}.{type(network).__qualname__}",
+        **kept,
+        "parameters": sum(parameter.numel() for parameter in network.parameters()),
+    }
+
+
+def _json_value(value):
+    """A constructor argument as JSON: scalars as they are, sequences as lists, anything else as its repr."""
+    if isinstance(value, (bool, int, float, str, type(None))):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_json_value(item) for item in value]
+    if isinstance(value, dict):
+        return {str(key): _json_value(item) for key, item in value.items()}
+    return repr(value)
 
 
 def demo_dataset(root: str, layout: str) -> str:

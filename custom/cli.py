@@ -9,13 +9,13 @@ installed package (``pip install .``), the Docker image and an exported model-zo
     voxshield verify   --source DATA --protected OUT
     voxshield export   --bundle flare --ckpt_dir CKPT --output voxshield_flare.zip
 
-train, protect, evaluate and report run the bundle's own config (configs/train.json, protect.json,
-evaluate.json, report.json) in this process through ``monai.bundle.run``, with every extra
-``--key value`` passed on as a config override, so each gives what
-``python -m monai.bundle run <workflow> --config_file bundles/<bundle>/configs/<workflow>.json ...``
-gives. Two differences, both about where things go: TensorBoard logs default to CKPT/logs (not
-<bundle>/eval), and an installed package (whose bundle folder is read-only site-packages) needs the
-folders given explicitly.
+train, protect, evaluate and report run the bundle's workflow (its configs/bundle.json, then the
+shared configs/train.json, protect.json, evaluate.json or report.json:
+``custom.bundle_utils.config_files``) in this process through ``monai.bundle.run``, with every extra
+``--key value`` passed on as a config override, so each gives what the README's
+``python -m monai.bundle run <workflow> --config_file "[...]" ...`` gives. Two differences, both about
+where things go: TensorBoard logs default to CKPT/logs (not <bundle>/eval), and an installed package
+(whose bundle folder is read-only site-packages) needs the folders given explicitly.
 """
 
 import os
@@ -45,10 +45,10 @@ def locate_bundle(name: str) -> Path:
     from custom import bundle_utils
 
     root = Path(bundle_utils.bundle_root(name))
-    train = root / "configs" / "train.json"
-    if not train.is_file():
+    first = Path(bundle_utils.config_files(name, "training")[0])
+    if not first.is_file():
         raise CLIError(f"cannot find the {name} bundle's configs in {root}.")
-    if f"bundle_root('{name}')" not in train.read_text():
+    if f"bundle_root('{name}')" not in first.read_text():
         raise CLIError(f"{root}: this exported bundle is not {name}; run {root.name}'s own command.")
     return root
 
@@ -65,27 +65,6 @@ def _help_flag_to_fire(argv: list[str]) -> list[str]:
         return argv  # no flag, or `voxshield --help`, which fire answers with the list of commands
     head = [arg for arg in head if arg not in ("--help", "-h")]
     return head + (tail + ["--help"] if tail else ["--", "--help"])
-
-
-def _overrides_for(overrides: dict, folder: Path, config: str, other: str) -> dict:
-    """
-    The overrides that apply to ``config`` when one command runs two workflows (protect after
-    training). A flat key may be new to a config (harmless); a nested key (``a#b``) needs its root
-    ``a`` in the config, so one whose root only ``other`` has (``--surrogate_def#channels`` for
-    protect) is left to that workflow. A nested key that neither config knows is kept: MONAI then
-    reports it.
-    """
-    import json
-
-    own = set(json.loads((folder / "configs" / config).read_text()))
-    theirs = set(json.loads((folder / "configs" / other).read_text()))
-    kept = {}
-    for key, value in overrides.items():
-        root = str(key).lstrip("+").split("#", 1)[0]
-        if "#" in str(key) and root not in own and root in theirs:
-            continue
-        kept[key] = value
-    return kept
 
 
 def _writable(path: Path) -> bool:
@@ -112,9 +91,10 @@ class VoxShield:
     def _run(workflow: str, name: str, overrides: dict) -> None:
         from monai.bundle import run
 
-        folder = locate_bundle(name)
-        config = folder / "configs" / f"{'train' if workflow == 'training' else workflow}.json"
-        run(workflow, config_file=str(config), **overrides)
+        from custom.bundle_utils import config_files
+
+        locate_bundle(name)
+        run(workflow, config_file=config_files(name, workflow), **overrides)
 
     @staticmethod
     def _paths(overrides: dict, **paths) -> dict:
@@ -181,9 +161,7 @@ class VoxShield:
             if not _writable(checkpoint.parent):
                 raise CLIError(f"{checkpoint.parent}: no {file_name} here and the folder is not writable; pass --ckpt_dir.")
             print(f"voxshield: no {file_name} in {checkpoint.parent}: fitting {method} first.", flush=True)
-            train_overrides = _overrides_for(overrides, folder, "train.json", "protect.json")
-            self.train(dataset_dir=dataset_dir, ckpt_dir=ckpt_dir, bundle=bundle, **train_overrides)
-        overrides = _overrides_for(overrides, folder, "protect.json", "train.json")
+            self.train(dataset_dir=dataset_dir, ckpt_dir=ckpt_dir, bundle=bundle, **overrides)
         overrides = self._paths(overrides, dataset_dir=dataset_dir, ckpt_dir=ckpt_dir, output_dir=output_dir)
         self._run("protect", name, overrides)
 

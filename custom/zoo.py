@@ -1,8 +1,9 @@
 """
 Model-zoo packaging: ``voxshield export`` writes a self-contained MONAI bundle zip.
 
-The zip unpacks to ``<bundle>/`` with LICENSE, configs/ (metadata.json, logging.conf and every
-workflow config), docs/, models/generator.pt (and the training_config.json written beside it, which
+The zip unpacks to ``<bundle>/`` with LICENSE, configs/ (metadata.json, logging.conf, each workflow's
+layers merged into one self-contained file, as model-zoo bundles keep them, and the multi-GPU
+overlays), docs/, models/generator.pt (and the training_config.json written beside it, which
 protect's manifest quotes), large_files.yml listing the weights with their sha256, and the ``custom``
 package copied inside the bundle: from the unpacked folder,
 
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from custom.bundle_utils import TRAINING_RECORD
+from custom.bundle_utils import TRAINING_RECORD, WORKFLOW_CONFIGS, config_files, shared_configs
 from custom.nifti_io import VoxShieldInputError, sha256
 
 CHECKPOINT = "generator.pt"
@@ -30,7 +31,7 @@ ZIP_TIMESTAMP = (1980, 1, 1, 0, 0, 0)
 LARGE_FILES = "large_files.yml"
 
 
-def check_generator(bundle_dir: Path, checkpoint: Path) -> None:
+def check_generator(bundle_dir: Path, name: str, checkpoint: Path) -> None:
     """The checkpoint must be a state dict that loads (strictly) into the bundle's generator with the
     channel count its metadata declares; otherwise the exported bundle could not protect anything."""
     from monai.bundle import ConfigParser
@@ -38,18 +39,26 @@ def check_generator(bundle_dir: Path, checkpoint: Path) -> None:
     metadata = json.loads((bundle_dir / "configs" / "metadata.json").read_text())
     channels = metadata["network_data_format"]["inputs"]["image"]["num_channels"]
     parser = ConfigParser()
-    parser.read_config(str(bundle_dir / "configs" / "protect.json"))
-    parser["network_def#in_channels"] = channels
-    parser["network_def#out_channels"] = metadata["network_data_format"]["outputs"]["pred"]["num_channels"]
-    network = parser.get_parsed_content("network_def")
+    parser.read_config(merged_config(name, "protect"))
+    parser["generator_def#in_channels"] = channels
+    parser["generator_def#out_channels"] = metadata["network_data_format"]["outputs"]["pred"]["num_channels"]
+    network = parser.get_parsed_content("generator_def")
     try:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         network.load_state_dict(state)
     except Exception as error:
         raise VoxShieldInputError(
-            f"{checkpoint}: not a generator state dict for {bundle_dir.name} ({channels} channel(s)): "
+            f"{checkpoint}: not a generator state dict for {name} ({channels} channel(s)): "
             f"{str(error).splitlines()[0]}"
         ) from error
+
+
+def merged_config(name: str, workflow: str) -> dict:
+    """The workflow's configs (the bundle's bundle.json, then the shared layers) merged into one
+    dict, as ``monai.bundle run`` merges them: an exported bundle ships it as configs/<workflow>.json."""
+    from monai.bundle import ConfigParser
+
+    return ConfigParser.load_config_files(config_files(name, workflow))
 
 
 def large_files_yml(sha256: str, url: str) -> str:
@@ -70,10 +79,16 @@ def bundle_entries(bundle_dir: Path, name: str, ckpt_dir: Path) -> dict[str, Pat
     """Archive name -> source file (or bytes) for the whole bundle."""
     package = Path(__file__).resolve().parent
     entries: dict[str, Path | bytes] = {f"{name}/LICENSE": bundle_dir / "LICENSE"}
-    for folder in ("configs", "docs"):
-        for path in sorted((bundle_dir / folder).rglob("*")):
-            if path.is_file() and "__pycache__" not in path.parts:
-                entries[f"{name}/{path.relative_to(bundle_dir).as_posix()}"] = path
+    for path in sorted((bundle_dir / "docs").rglob("*")):
+        if path.is_file() and "__pycache__" not in path.parts:
+            entries[f"{name}/{path.relative_to(bundle_dir).as_posix()}"] = path
+    for file_name in ("metadata.json", "logging.conf"):
+        entries[f"{name}/configs/{file_name}"] = bundle_dir / "configs" / file_name
+    # the zoo's layout: each workflow one self-contained file; the multi-GPU overlays layer on them
+    for workflow, layers in WORKFLOW_CONFIGS.items():
+        entries[f"{name}/configs/{layers[-1]}"] = json.dumps(merged_config(name, workflow), indent=4).encode()
+    for overlay in ("multi_gpu_train.json", "multi_gpu_protect.json"):
+        entries[f"{name}/configs/{overlay}"] = shared_configs() / overlay
     for path in sorted(package.glob("*.py")):  # the package's modules, not an installed copy's bundles/
         entries[f"{name}/custom/{path.name}"] = path
     checkpoint = ckpt_dir / CHECKPOINT
@@ -107,7 +122,7 @@ def export_bundle(
     output = Path(output) if output is not None else Path(f"{name}-{version}.zip")
     if output.exists() and not overwrite:
         raise VoxShieldInputError(f"{output}: exists; pass --overwrite true to replace it.")
-    check_generator(bundle_dir, checkpoint)
+    check_generator(bundle_dir, name, checkpoint)
 
     entries = bundle_entries(bundle_dir, name, ckpt_dir)
     entries[f"{name}/{LARGE_FILES}"] = large_files_yml(sha256(checkpoint), url).encode()

@@ -9,6 +9,7 @@ import pytest
 import torch
 from monai.networks.nets import UNet
 
+from custom.bundle_utils import config_files
 from custom.demo import make_demo_dataset
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -22,14 +23,13 @@ def generator_net(channels: int) -> UNet:
                 norm="INSTANCE", act="LEAKYRELU")
 
 
-def run_bundle(*args: str, config: str | list[str], bundle: str = "voxshield_flare") -> subprocess.CompletedProcess:
-    """`python -m monai.bundle run ...` from the repository root, exactly as the README says."""
-    files = [config] if isinstance(config, str) else config
-    paths = [f"bundles/{bundle}/configs/{name}" for name in files]
-    config_arg = paths[0] if len(paths) == 1 else repr(paths)
+def run_bundle(*args: str, bundle: str = "voxshield_flare") -> subprocess.CompletedProcess:
+    """`python -m monai.bundle run WORKFLOW ...` from the repository root, exactly as the README says:
+    the bundle's bundle.json, then the shared configs of that workflow (bundle_utils.config_files)."""
+    paths = [Path(path).relative_to(REPO_ROOT).as_posix() for path in config_files(bundle, args[0])]
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     env["OMP_NUM_THREADS"] = env.get("OMP_NUM_THREADS", "2")
-    command = [sys.executable, "-m", "monai.bundle", "run", *args[:1], "--config_file", config_arg, *args[1:]]
+    command = [sys.executable, "-m", "monai.bundle", "run", args[0], "--config_file", repr(paths), *args[1:]]
     return subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 

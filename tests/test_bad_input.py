@@ -140,7 +140,7 @@ def test_cli_reports_one_line_and_fails(flare_data, tmp_path, random_checkpoints
     output = tmp_path / "out"
     result = run_bundle(
         "protect", "--dataset_dir", str(flare_data), "--checkpoint", str(random_checkpoints[1]),
-        "--output_dir", str(output), config="protect.json",
+        "--output_dir", str(output),
     )
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1] == f"voxshield: error: {flare_data / IMAGE}: contains NaN or Inf values."
@@ -148,7 +148,6 @@ def test_cli_reports_one_line_and_fails(flare_data, tmp_path, random_checkpoints
     assert not output.exists()
     result = run_bundle(
         "training", "--dataset_dir", str(flare_data), "--ckpt_dir", str(tmp_path / "ckpt"), "--epochs", "1",
-        config="train.json",
     )
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1] == f"voxshield: error: {flare_data / IMAGE}: contains NaN or Inf values."

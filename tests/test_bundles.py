@@ -20,7 +20,7 @@ def test_surrogate_schedule_is_a_config_value(bundle, data_fixture, ct, channels
     """train.json's default updates F on every batch; --surrogate_batches_per_epoch reaches VoxShield
     and the training record."""
     parser = ConfigParser()
-    parser.read_config(REPO_ROOT / "bundles" / bundle / "configs" / "train.json")
+    parser.read_config(bundle_utils.config_files(bundle, "training"))
     parser["dataset_dir"] = str(request.getfixturevalue(data_fixture))
     assert parser.get_parsed_content("protectors#voxshield").surrogate_batches_per_epoch is None
     parser["surrogate_batches_per_epoch"] = 10
@@ -35,7 +35,7 @@ def test_train_then_protect(bundle, data_fixture, ct, channels, request, tmp_pat
     ckpt, logs, output = tmp_path / "ckpt", tmp_path / "logs", tmp_path / "protected"
     trained = run_bundle(
         "training", "--dataset_dir", str(data), "--ckpt_dir", str(ckpt), "--log_dir", str(logs),
-        "--epochs", "2", "--patch_size", "[32,32,16]", config="train.json", bundle=bundle,
+        "--epochs", "2", "--patch_size", "[32,32,16]", bundle=bundle,
     )
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert "Epoch[2] Complete" in trained.stdout + trained.stderr
@@ -46,7 +46,7 @@ def test_train_then_protect(bundle, data_fixture, ct, channels, request, tmp_pat
 
     protected = run_bundle(
         "protect", "--dataset_dir", str(data), "--ckpt_dir", str(ckpt), "--output_dir", str(output),
-        "--window_size", "[32,32,16]", config="protect.json", bundle=bundle,
+        "--window_size", "[32,32,16]", bundle=bundle,
     )
     assert protected.returncode == 0, protected.stderr[-3000:]
     manifest = assert_protected_copy(data, output, EPS, ct=ct)
@@ -56,13 +56,12 @@ def test_train_then_protect(bundle, data_fixture, ct, channels, request, tmp_pat
     assert manifest["fitted"]["training"] == record
 
     again = run_bundle(
-        "protect", "--dataset_dir", str(data), "--ckpt_dir", str(ckpt), "--output_dir", str(output),
-        config="protect.json", bundle=bundle,
+        "protect", "--dataset_dir", str(data), "--ckpt_dir", str(ckpt), "--output_dir", str(output), bundle=bundle,
     )
     assert again.returncode != 0 and "output folder exists; pass --overwrite true" in again.stderr
     replaced = run_bundle(
         "protect", "--dataset_dir", str(data), "--ckpt_dir", str(ckpt), "--output_dir", str(output),
-        "--window_size", "[32,32,16]", "--overwrite", "true", config="protect.json", bundle=bundle,
+        "--window_size", "[32,32,16]", "--overwrite", "true", bundle=bundle,
     )
     assert replaced.returncode == 0, replaced.stderr[-3000:]
     assert_protected_copy(data, output, EPS, ct=ct)

@@ -90,15 +90,15 @@ def test_bundle_choice(capsys):
     "args, run_id, config, expected",
     [
         (["train", "--bundle", "brats", "--dataset_dir", "D", "--ckpt_dir", "C", "--epochs", "3"], "training",
-         "voxshield_brats/configs/train.json", {"dataset_dir": "D", "ckpt_dir": "C", "log_dir": str(Path("C") / "logs"), "epochs": 3}),
+         ["voxshield_brats/configs/bundle.json", "train.json"], {"dataset_dir": "D", "ckpt_dir": "C", "log_dir": str(Path("C") / "logs"), "epochs": 3}),
         (["train", "--ckpt_dir", "C", "--log_dir", "L", "--surrogate_def#channels", "[8,16,16,32,32]"], "training",
-         "voxshield_flare/configs/train.json", {"ckpt_dir": "C", "log_dir": "L", "surrogate_def#channels": [8, 16, 16, 32, 32]}),
+         ["voxshield_flare/configs/bundle.json", "train.json"], {"ckpt_dir": "C", "log_dir": "L", "surrogate_def#channels": [8, 16, 16, 32, 32]}),
         (["evaluate", "--train_dir", "P", "--test_dir", "T", "--output_dir", "R", "--victim", "unetr", "--test_list", "['a','b']"],
-         "evaluate", "voxshield_flare/configs/evaluate.json",
+         "evaluate", ["voxshield_flare/configs/bundle.json", "evaluate.json"],
          {"train_dir": "P", "test_dir": "T", "output_dir": "R", "victim": "unetr", "test_list": ["a", "b"]}),
         (["report", "--bundle", "brats", "--results", "['R1','R2']", "--output_dir", "O", "--clean_dir", "C"], "report",
-         "voxshield_brats/configs/report.json", {"results": ["R1", "R2"], "output_dir": "O", "clean_dir": "C"}),
-        (["report", "--results", "R1", "--output_dir", "2024"], "report", "voxshield_flare/configs/report.json",
+         ["voxshield_brats/configs/bundle.json", "report.json"], {"results": ["R1", "R2"], "output_dir": "O", "clean_dir": "C"}),
+        (["report", "--results", "R1", "--output_dir", "2024"], "report", ["voxshield_flare/configs/bundle.json", "report.json"],
          {"results": ["R1"], "output_dir": "2024"}),
     ],
 )
@@ -109,28 +109,52 @@ def test_commands_run_the_bundle_workflow_with_overrides(args, run_id, config, e
     assert len(calls) == 1
     called_id, config_file, overrides = calls[0]
     assert called_id == run_id
-    assert Path(config_file) == REPO_ROOT / "bundles" / config
+    bundle_config, *shared = config
+    assert [Path(path) for path in config_file] == [REPO_ROOT / "bundles" / bundle_config] + [
+        REPO_ROOT / "configs" / name for name in shared]
     assert overrides == expected  # no bundle_root: a checkout's configs find their folder themselves
 
 
 def test_protect_trains_first_only_without_a_checkpoint(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr("monai.bundle.run", lambda run_id, config_file, **kw: calls.append((run_id, kw)))
+    monkeypatch.setattr("monai.bundle.run", lambda run_id, config_file, **kw: calls.append((run_id, config_file, kw)))
     run_cli("protect", "--dataset_dir", "D", "--ckpt_dir", str(tmp_path), "--output_dir", "O", "--epochs", "2",
-            "--generator_def#channels", "[8,16,16,32]", "--network_def#act", "PRELU", "--window_size", "[32,32,16]",
-            "--surrogate_def#num_res_units", "1")
+            "--generator_def#channels", "[8,16,16,32]", "--window_size", "[32,32,16]", "--surrogate_def#num_res_units", "1")
     assert [call[0] for call in calls] == ["training", "protect"]
-    # a nested key goes only to the workflows whose config has its root; flat keys go to both
-    assert calls[0][1] == {"dataset_dir": "D", "ckpt_dir": str(tmp_path), "epochs": 2, "log_dir": str(tmp_path / "logs"),
-                           "generator_def#channels": [8, 16, 16, 32], "window_size": [32, 32, 16],
-                           "surrogate_def#num_res_units": 1}
-    assert calls[1][1] == {"dataset_dir": "D", "ckpt_dir": str(tmp_path), "output_dir": "O", "epochs": 2,
-                           "network_def#act": "PRELU", "window_size": [32, 32, 16], "surrogate_def#num_res_units": 1}
+    # protect is layered on train.json: the same overrides (one name per network) reach both workflows
+    assert [Path(path).name for path in calls[0][1]] == ["bundle.json", "train.json"]
+    assert [Path(path).name for path in calls[1][1]] == ["bundle.json", "train.json", "protect.json"]
+    shared = {"dataset_dir": "D", "ckpt_dir": str(tmp_path), "epochs": 2, "generator_def#channels": [8, 16, 16, 32],
+              "window_size": [32, 32, 16], "surrogate_def#num_res_units": 1}
+    assert calls[0][2] == {**shared, "log_dir": str(tmp_path / "logs")}
+    assert calls[1][2] == {**shared, "output_dir": "O"}
 
     calls.clear()
     (tmp_path / "generator.pt").write_bytes(b"weights")
     run_cli("protect", "--dataset_dir", "D", "--ckpt_dir", str(tmp_path), "--output_dir", "O")
     assert [call[0] for call in calls] == ["protect"]
+
+
+def test_one_network_override_reaches_training_and_protect(tmp_path):
+    """`voxshield protect --generator_def#channels ...` fits a narrower generator, protect builds the same
+    one and loads its checkpoint, and the training record quoted in the manifest names it."""
+    data = make_demo_dataset(tmp_path / "data", "flare", num_cases=2, shape=(32, 32, 16))
+    threads, hook = torch.get_num_threads(), sys.excepthook
+    torch.set_num_threads(1)
+    try:
+        status = run_cli("protect", "--dataset_dir", str(data), "--ckpt_dir", str(tmp_path / "ckpt"), "--output_dir",
+                         str(tmp_path / "out"), "--epochs", "1", "--patch_size", "[32,32,16]", *SMALL,
+                         "--generator_def#channels", "[8,8,16,16]", "--surrogate_def#channels", "[8,16,16,32,32]")
+    finally:
+        torch.set_num_threads(threads)
+        sys.excepthook = hook
+    assert status == 0
+    state = torch.load(tmp_path / "ckpt" / "generator.pt", weights_only=True)
+    assert state["model.0.conv.unit0.conv.weight"].shape[0] == 8  # the first encoder block: 8 channels
+    training = json.loads((tmp_path / "out" / "voxshield_manifest.json").read_text())["fitted"]["training"]
+    assert training["generator"]["channels"] == [8, 8, 16, 16] and training["generator"]["norm"] == "INSTANCE"
+    assert training["surrogate"]["channels"] == [8, 16, 16, 32, 32]
+    assert training["generator"]["parameters"] == sum(tensor.numel() for tensor in state.values())
 
 
 # ---- protect through the CLI, then verify ------------------------------------------------------
@@ -159,7 +183,7 @@ def test_cli_protect_equals_python_m_monai_bundle_run(protected, tmp_path, monke
     data, output, ckpt = protected
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     reference = run_bundle("protect", "--dataset_dir", str(data), "--ckpt_dir", str(ckpt), "--output_dir",
-                           str(tmp_path / "reference"), *SMALL, config="protect.json")
+                           str(tmp_path / "reference"), *SMALL)
     assert reference.returncode == 0, reference.stderr[-2000:]
     ours = json.loads((output / "voxshield_manifest.json").read_text())
     theirs = json.loads((tmp_path / "reference" / "voxshield_manifest.json").read_text())

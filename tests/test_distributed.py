@@ -12,11 +12,12 @@ import torch
 from monai.bundle import ConfigParser
 from monai.networks.nets import UNet
 
+from custom.bundle_utils import config_files
 from custom.data import open_dataset
 from custom.demo import make_demo_dataset
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = "bundles/voxshield_flare/configs"
+SHARED = "configs"  # the multi-GPU overlays, layered last
 NUM_CASES = 4
 SHAPE = (32, 32, 16)
 
@@ -69,7 +70,7 @@ def test_two_process_training_and_protect(tmp_path):
     # ---- training: DDP over 2 ranks, checkpoints from rank 0 only ------------------------------
     output = torchrun(
         "training",
-        [f"{CONFIGS}/train.json", f"{CONFIGS}/multi_gpu_train.json", str(probes / "train_probe.json")],
+        [*config_files("voxshield_flare", "training"), f"{SHARED}/multi_gpu_train.json", str(probes / "train_probe.json")],
         "--dataset_dir", str(data), "--ckpt_dir", str(ckpt), "--log_dir", str(logs),
         "--epochs", "1", "--patch_size", "[32,32,16]",
     )
@@ -84,7 +85,7 @@ def test_two_process_training_and_protect(tmp_path):
     assert probe[0][1:] == probe[1][1:]
 
     parser = ConfigParser()
-    parser.read_config(REPO_ROOT / CONFIGS / "train.json")
+    parser.read_config(config_files("voxshield_flare", "training"))
     parser["dataset_dir"] = str(data)
     generator = parser.get_parsed_content("generator_def")
     assert type(generator) is UNet
@@ -95,7 +96,7 @@ def test_two_process_training_and_protect(tmp_path):
     # ---- protect: cases sharded across the 2 ranks, manifest from rank 0 ------------------------
     output = torchrun(
         "protect",
-        [f"{CONFIGS}/protect.json", f"{CONFIGS}/multi_gpu_protect.json", str(probes / "protect_probe.json")],
+        [*config_files("voxshield_flare", "protect"), f"{SHARED}/multi_gpu_protect.json", str(probes / "protect_probe.json")],
         "--dataset_dir", str(data), "--ckpt_dir", str(ckpt), "--output_dir", str(out),
         "--window_size", "[32,32,16]",
         pythonpath=probes,
@@ -114,9 +115,3 @@ def test_two_process_training_and_protect(tmp_path):
         for name, digest in record["files"].items():
             assert hashlib.sha256((out / name).read_bytes()).hexdigest() == digest, name
     assert not (out / ".voxshield_progress").exists()
-
-
-def test_multi_gpu_configs_are_the_same_in_both_bundles():
-    for name in ("multi_gpu_train.json", "multi_gpu_protect.json"):
-        flare = (REPO_ROOT / "bundles/voxshield_flare/configs" / name).read_bytes()
-        assert flare == (REPO_ROOT / "bundles/voxshield_brats/configs" / name).read_bytes()

@@ -209,11 +209,13 @@ def entrypoint(image, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_installed_package_holds_the_bundle_configs(image):
+    shared = image["site"] / "custom" / "configs"
+    for name in ("train.json", "protect.json", "evaluate.json", "report.json", "multi_gpu_train.json", "multi_gpu_protect.json"):
+        assert (shared / name).read_bytes() == (REPO_ROOT / "configs" / name).read_bytes(), name
     for bundle in ("voxshield_flare", "voxshield_brats"):
         configs = image["site"] / "custom" / "bundles" / bundle / "configs"
-        assert {"train.json", "protect.json", "evaluate.json", "report.json", "metadata.json", "logging.conf"} <= {
-            path.name for path in configs.iterdir()}
-        assert (configs / "protect.json").read_bytes() == (REPO_ROOT / "bundles" / bundle / "configs" / "protect.json").read_bytes()
+        for name in ("bundle.json", "metadata.json", "logging.conf"):
+            assert (configs / name).read_bytes() == (REPO_ROOT / "bundles" / bundle / "configs" / name).read_bytes(), name
     metadata = next(image["site"].glob("voxshield-0.1.0.dist-info")) / "METADATA"
     requires = [line.split(": ", 1)[1] for line in metadata.read_text().splitlines() if line.startswith("Requires-Dist")]
     assert "torch==2.13.0" in requires and "monai==1.6.1" in requires and "scipy==1.17.1" in requires
@@ -246,7 +248,8 @@ def test_entrypoint_protects_then_verifies(image, tmp_path):
     assert manifest["fitted"]["sha256"] == hashlib.sha256((ckpt / "generator.pt").read_bytes()).hexdigest()
     assert manifest["fitted"]["training"]["epochs"] == 1
     # the installed package ran, not the repository's
-    assert "custom/bundles/voxshield_flare/configs/protect.json" in protected.stdout + protected.stderr
+    assert "custom/bundles/voxshield_flare/configs/bundle.json" in protected.stdout + protected.stderr
+    assert "custom/configs/protect.json" in protected.stdout + protected.stderr
     assert str(REPO_ROOT / "bundles") not in protected.stdout + protected.stderr
 
     verified = entrypoint(image, "verify", "--source", str(data), "--protected", str(output))

@@ -105,7 +105,6 @@ def test_evaluate_end_to_end(flare_data, tmp_path, random_checkpoints):
         result = run_bundle(
             "evaluate", "--train_dir", str(train_dir), "--test_dir", str(flare_data), "--test_list", "['train_002']",
             "--epochs", "1", "--patch_size", "[32,32,16]", "--output_dir", str(tmp_path / kind),
-            config="evaluate.json",
         )
         assert result.returncode == 0, result.stderr[-3000:]
         runs[kind] = json.loads((tmp_path / kind / "results.json").read_text())

@@ -21,11 +21,10 @@ def fit_and_protect(method, data, tmp_path, *extra):
     ckpt, output = tmp_path / "ckpt", tmp_path / "protected"
     trained = run_bundle("training", "--dataset_dir", str(data), "--ckpt_dir", str(ckpt), "--log_dir",
                          str(tmp_path / "logs"), "--epochs", "1", "--patch_size", "[32,32,16]", "--method", method,
-                         *SMALL_SURROGATE, *extra, config="train.json")
+                         *SMALL_SURROGATE, *extra)
     assert trained.returncode == 0, trained.stderr[-3000:]
     protected = run_bundle("protect", "--dataset_dir", str(data), "--ckpt_dir", str(ckpt), "--output_dir",
-                           str(output), "--method", method, "--pgd_steps", "2", *SMALL_SURROGATE, *extra,
-                           config="protect.json")
+                           str(output), "--method", method, "--pgd_steps", "2", *SMALL_SURROGATE, *extra)
     assert protected.returncode == 0, protected.stderr[-3000:]
     return ckpt, output, trained.stdout + trained.stderr
 
@@ -60,13 +59,13 @@ def test_evaluate_checks_the_method_of_its_training_data(flare_data, tmp_path):
     _, output, _ = fit_and_protect("random", flare_data, tmp_path)
     wrong = run_bundle("evaluate", "--train_dir", str(output), "--test_dir", str(flare_data),
                        "--test_list", "['train_002']", "--method", "em", "--epochs", "1",
-                       "--output_dir", str(tmp_path / "eval"), config="evaluate.json")
+                       "--output_dir", str(tmp_path / "eval"))
     assert wrong.returncode != 0
     assert f"voxshield: error: {output}: holds 'random' data, not 'em'" in wrong.stderr
     assert not (tmp_path / "eval").exists()
     right = run_bundle("evaluate", "--train_dir", str(output), "--test_dir", str(flare_data),
                        "--test_list", "['train_002']", "--method", "random", "--epochs", "1", "--patch_size",
-                       "[32,32,16]", "--output_dir", str(tmp_path / "eval"), config="evaluate.json")
+                       "[32,32,16]", "--output_dir", str(tmp_path / "eval"))
     assert right.returncode == 0, right.stderr[-3000:]
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert results["run"]["method"] == "random" and results["protection"]["fitted"] is None
@@ -75,13 +74,12 @@ def test_evaluate_checks_the_method_of_its_training_data(flare_data, tmp_path):
 def test_protect_with_a_checkpoint_of_another_method_or_bound_fails(flare_data, tmp_path):
     ckpt, _, _ = fit_and_protect("em", flare_data, tmp_path)
     other = run_bundle("protect", "--dataset_dir", str(flare_data), "--ckpt_dir", str(ckpt), "--output_dir",
-                       str(tmp_path / "other"), "--method", "sep", *SMALL_SURROGATE, config="protect.json")
+                       str(tmp_path / "other"), "--method", "sep", *SMALL_SURROGATE)
     assert other.returncode != 0
     assert "surrogate.pt: fitted for method 'em', not 'sep'; pass the same --method" in other.stderr
     assert not (tmp_path / "other").exists()
     wider = run_bundle("protect", "--dataset_dir", str(flare_data), "--ckpt_dir", str(ckpt), "--output_dir",
-                       str(tmp_path / "wider"), "--method", "em", "--roi_dilation", "2", *SMALL_SURROGATE,
-                       config="protect.json")
+                       str(tmp_path / "wider"), "--method", "em", "--roi_dilation", "2", *SMALL_SURROGATE)
     assert wider.returncode != 0
     assert ("surrogate.pt: fitted with other perturbation settings (roi_dilation 0 at training, 2 here); "
             "pass the same values") in wider.stderr

@@ -35,12 +35,11 @@ def test_la_mri_train_and_protect(la_subset, tmp_path):
     ckpt, output = tmp_path / "ckpt", tmp_path / "protected"
     trained = run_bundle(
         "training", "--dataset_dir", str(la_subset), "--ckpt_dir", str(ckpt), "--log_dir", str(tmp_path / "logs"),
-        "--epochs", "1", config="train.json",
+        "--epochs", "1",
     )
     assert trained.returncode == 0, trained.stderr[-3000:]
     protected = run_bundle(
         "protect", "--dataset_dir", str(la_subset), "--ckpt_dir", str(ckpt), "--output_dir", str(output),
-        config="protect.json",
     )
     assert protected.returncode == 0, protected.stderr[-3000:]
     manifest = assert_protected_copy(la_subset, output, EPS, ct=False)
@@ -58,10 +57,10 @@ def test_la_mri_baselines_keep_the_guarantees(method, support_dilation, la_subse
     ckpt, output = tmp_path / "ckpt", tmp_path / "protected"
     small = ["--surrogate_def#channels", "[8,16,32,64,128]", "--surrogate_def#num_res_units", "0"]
     trained = run_bundle("training", "--dataset_dir", str(la_subset), "--ckpt_dir", str(ckpt), "--log_dir",
-                         str(tmp_path / "logs"), "--epochs", "1", "--method", method, *small, config="train.json")
+                         str(tmp_path / "logs"), "--epochs", "1", "--method", method, *small)
     assert trained.returncode == 0, trained.stderr[-3000:]
     protected = run_bundle("protect", "--dataset_dir", str(la_subset), "--ckpt_dir", str(ckpt), "--output_dir",
-                           str(output), "--method", method, "--pgd_steps", "2", *small, config="protect.json")
+                           str(output), "--method", method, "--pgd_steps", "2", *small)
     assert protected.returncode == 0, protected.stderr[-3000:]
     manifest = assert_protected_copy(la_subset, output, EPS, ct=False, support_dilation=support_dilation)
     assert manifest["method"] == method and len(manifest["cases"]) == 4

@@ -203,7 +203,6 @@ def test_report_bundle(results_dir, datasets, tmp_path):
     ran = run_bundle(
         "report", "--results", repr([str(results_dir / "clean_unet"), str(results_dir / "no_spd" / "results.json")]),
         "--output_dir", str(output), "--clean_dir", str(clean), "--protected_dir", str(protected),
-        config="report.json",
     )
     assert ran.returncode == 0, ran.stderr[-3000:]
     assert sorted(path.name for path in output.iterdir()) == ["comparison.png", "perturbation.png", "report.json",
@@ -211,8 +210,7 @@ def test_report_bundle(results_dir, datasets, tmp_path):
     saved = json.loads((output / "report.json").read_text())
     assert [row["variant"] for row in saved["tables"]["table3"]["rows"]] == ["clean (reference)", "w/o L_SPD"]
 
-    bad = run_bundle("report", "--results", str(tmp_path / "none"), "--output_dir", str(output),
-                     config="report.json", bundle="voxshield_brats")
+    bad = run_bundle("report", "--results", str(tmp_path / "none"), "--output_dir", str(output), bundle="voxshield_brats")
     assert bad.returncode != 0
     assert f"voxshield: error: {tmp_path / 'none'}: results file or folder not found" in bad.stderr
 

@@ -20,6 +20,7 @@ from monai.bundle import download_large_files, verify_metadata, verify_net_in_ou
 
 from conftest import REPO_ROOT
 from custom import cli
+from custom.bundle_utils import config_files
 from custom.demo import make_demo_dataset
 from custom.nifti_io import VoxShieldInputError
 from custom.zoo import export_bundle
@@ -96,10 +97,11 @@ def test_metadata_content(bundle):
 
 # ---- the generator's input and output -----------------------------------------------------------
 def test_verify_net_in_out_cli():
+    configs = [Path(path).relative_to(REPO_ROOT).as_posix() for path in config_files("voxshield_flare", "protect")]
     result = monai_bundle(
-        "verify_net_in_out", "network_def", "--meta_file", "bundles/voxshield_flare/configs/metadata.json",
-        "--config_file", "bundles/voxshield_flare/configs/protect.json", "--n", "2", "--device", "cpu",
-        "--network_def#in_channels", "1", "--network_def#out_channels", "1",
+        "verify_net_in_out", "generator_def", "--meta_file", "bundles/voxshield_flare/configs/metadata.json",
+        "--config_file", repr(configs), "--n", "2", "--device", "cpu",
+        "--generator_def#in_channels", "1", "--generator_def#out_channels", "1",
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "data shape of network is verified with no error" in result.stdout
@@ -108,12 +110,11 @@ def test_verify_net_in_out_cli():
 @pytest.mark.parametrize("bundle", BUNDLES)
 def test_verify_net_in_out(bundle):
     channels = BUNDLES[bundle]
-    configs = REPO_ROOT / "bundles" / bundle / "configs"
-    arguments = {"net_id": "network_def", "meta_file": str(configs / "metadata.json"), "config_file": str(configs / "protect.json"),
-                 "n": 2, "device": "cpu", "network_def#in_channels": channels}
-    verify_net_in_out(**arguments, **{"network_def#out_channels": channels})
+    arguments = {"net_id": "generator_def", "meta_file": str(REPO_ROOT / "bundles" / bundle / "configs" / "metadata.json"),
+                 "config_file": config_files(bundle, "protect"), "n": 2, "device": "cpu", "generator_def#in_channels": channels}
+    verify_net_in_out(**arguments, **{"generator_def#out_channels": channels})
     with pytest.raises(ValueError, match=f"output channel number `{channels + 1}` doesn't match: `{channels}`"):
-        verify_net_in_out(**arguments, **{"network_def#out_channels": channels + 1})
+        verify_net_in_out(**arguments, **{"generator_def#out_channels": channels + 1})
 
 
 # ---- export ---------------------------------------------------------------------------------------
