@@ -6,8 +6,9 @@ the protection target of issue 3, from the outputs of benchmarks/la_mri_benchmar
    ([0, 1], the dataset's MRI percentiles): the contrast between the ROI and a ring of --ring voxels
    around it, the spread of intensities inside the ROI, and the voxel noise inside it (std of the
    difference between axial neighbours, over sqrt 2), each next to eps.
-2. The perturbation of each protected copy in --work_dir (RUN/protected): mean |delta| / eps and the
-   fraction of ROI voxels at the bound, and delta's RMS over the ROI's voxel noise.
+2. The perturbation of each protected copy in --work_dir (RUN/protected), eps being the bound its
+   manifest records: mean |delta| / eps and the fraction of ROI voxels at the bound, and delta's RMS
+   over the ROI's voxel noise.
 3. Learning curves. Each victim's mean training loss per epoch (its TensorBoard log in the result
    folder) beside the clean victim of the same architecture: a shortcut the victim uses shows as a
    protected curve that falls faster than the clean one; the last epoch's rise over the lowest one
@@ -30,6 +31,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -37,17 +39,26 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+from custom.figures import CasePair, load_pair  # noqa: E402
+from custom.manifest import MANIFEST_NAME, read_manifest  # noqa: E402
+from custom.markdown import markdown_table  # noqa: E402
 from custom.provenance import hardware, software_versions  # noqa: E402
-from custom.report import load_pair  # noqa: E402
 from custom.verify import dilate  # noqa: E402
 
 DATA = REPO_ROOT.parent / "shared" / "data" / "la_mri"
-CONFIGS = REPO_ROOT / "bundles" / "voxshield_brats" / "configs"  # the bundle la_mri_benchmark.py runs
-EPS = 4 / 255
+BUNDLE = "voxshield_brats"  # the bundle la_mri_benchmark.py runs
 
 
-def case_statistics(clean: np.ndarray, protected: np.ndarray, roi: np.ndarray, ring_width: int) -> dict:
-    """Signal scale and perturbation of one single-channel case (H, W, D), normalised units."""
+def case_statistics(clean: np.ndarray, protected: np.ndarray, roi: np.ndarray, ring_width: int, eps: float) -> dict:
+    """
+    Signal scale and perturbation of one single-channel case, in normalised units.
+
+    Args:
+        clean, protected: (H, W, D) the clean case and its protected copy.
+        roi: (H, W, D) boolean region of interest.
+        ring_width: width in voxels of the ring around the ROI its contrast is measured against.
+        eps: the bound the copy was made with; a voxel within 1 % of it counts as at the bound.
+    """
     ring = dilate(roi, ring_width) & ~roi
     axial_pairs = roi[..., 1:] & roi[..., :-1]
     voxel_noise = float(np.std((clean[..., 1:] - clean[..., :-1])[axial_pairs]) / math.sqrt(2))
@@ -56,20 +67,35 @@ def case_statistics(clean: np.ndarray, protected: np.ndarray, roi: np.ndarray, r
         "roi_ring_contrast": float(abs(clean[roi].mean() - clean[ring].mean())),
         "roi_std": float(clean[roi].std()),
         "roi_voxel_noise": voxel_noise,
-        "delta_mean_abs_over_eps": float(np.abs(delta).mean() / EPS),
-        "delta_fraction_at_bound": float((np.abs(delta) >= 0.99 * EPS).mean()),
+        "delta_mean_abs_over_eps": float(np.abs(delta).mean() / eps),
+        "delta_fraction_at_bound": float((np.abs(delta) >= 0.99 * eps).mean()),
         "delta_rms_over_voxel_noise": float(np.sqrt(np.mean(delta**2)) / voxel_noise),
     }
 
 
+def copy_statistics(manifest: dict, pairs: Iterable[CasePair], ring_width: int) -> dict:
+    """
+    case_statistics of the cases of a protected copy, against the bound the copy was made with.
+
+    Args:
+        manifest: the copy's manifest; its ``eps_normalised`` is the bound.
+        pairs: its cases beside their clean twins (single channel).
+        ring_width: see case_statistics.
+
+    Returns:
+        ``eps``, the number of ``cases`` and the ``mean`` of each statistic over them.
+    """
+    eps = manifest["eps_normalised"]
+    cases = [case_statistics(pair.clean[0], pair.protected[0], pair.label > 0, ring_width, eps) for pair in pairs]
+    means = {key: float(np.mean([case[key] for case in cases])) for key in cases[0]}
+    return {"eps": eps, "cases": len(cases), "mean": means}
+
+
 def perturbation_statistics(data: Path, protected: Path, ring_width: int) -> dict:
-    """case_statistics over every case of a protected copy, and their means."""
-    case_ids = [entry["case_id"] for entry in json.loads((protected / "voxshield_manifest.json").read_text())["cases"]]
-    cases = []
-    for case_id in case_ids:
-        pair = load_pair(data, protected, case_id)
-        cases.append(case_statistics(pair.clean[0], pair.protected[0], pair.label > 0, ring_width))
-    return {"cases": len(cases), "mean": {key: float(np.mean([case[key] for case in cases])) for key in cases[0]}}
+    """copy_statistics of every case of the protected copy ``protected`` of ``data``."""
+    manifest = read_manifest(protected)
+    pairs = (load_pair(data, protected, entry["case_id"]) for entry in manifest["cases"])
+    return copy_statistics(manifest, pairs, ring_width)
 
 
 def epoch_losses(result_dir: Path) -> list[float] | None:
@@ -118,18 +144,19 @@ def surrogate_scores(data: Path, run_dir: Path, training_cases: int) -> dict:
     import torch
     from monai.bundle import ConfigParser
 
+    from custom.bundle_utils import config_files
     from custom.evaluate import held_out_split, score_cases
     from custom.seg_metrics import aggregate
 
-    def parsed(config: str, key: str):
+    def parsed(workflow: str, key: str):
         parser = ConfigParser()
-        parser.read_config(str(CONFIGS / config))
+        parser.read_config(config_files(BUNDLE, workflow))
         parser["dataset_dir"] = parser["train_dir"] = str(data)
         return parser.get_parsed_content(key)
 
-    surrogate = parsed("train.json", "surrogate_def")
+    surrogate = parsed("training", "surrogate_def")
     surrogate.load_state_dict(torch.load(run_dir / "ckpt" / "surrogate.pt", map_location="cpu", weights_only=True))
-    inferer = parsed("evaluate.json", "inferer")
+    inferer = parsed("evaluate", "inferer")
     protected, test = held_out_split(str(run_dir / "protected"), str(data))
     clean, _ = held_out_split(str(data), str(data))
 
@@ -143,34 +170,46 @@ def surrogate_scores(data: Path, run_dir: Path, training_cases: int) -> dict:
 
 
 def markdown(report: dict) -> str:
+    """diagnostics.md: the signal scale and perturbation of each protected copy (over its own bound),
+    the victims' learning curves and the fitted surrogates' scores."""
     scale = report["signal_scale"]
-    lines = [
-        "## Signal scale and perturbation (normalised intensities, eps = 4/255 = %.4f)" % EPS, "",
-        "| copy | ROI-ring contrast / eps | ROI std / eps | ROI voxel noise / eps | mean abs(delta) / eps "
-        "| ROI voxels at the bound | delta RMS / voxel noise |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-    ]
+    perturbation_rows = []
     for run, stats in report["perturbations"].items():
-        mean = stats["mean"]
-        lines.append(f"| {run} ({stats['cases']} cases) | {mean['roi_ring_contrast'] / EPS:.1f} | {mean['roi_std'] / EPS:.1f} "
-                     f"| {mean['roi_voxel_noise'] / EPS:.1f} | {mean['delta_mean_abs_over_eps']:.2f} "
-                     f"| {mean['delta_fraction_at_bound']:.2f} | {mean['delta_rms_over_voxel_noise']:.2f} |")
-    lines += ["", f"Ring: {scale['ring_width']} voxels outside the ROI.", "",
-              "## Victim learning curves (mean training loss per epoch)", "",
-              "| result | victim | method | seed | DSC (%) | loss - clean, first half | last-epoch rise | losses by epoch |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        mean, eps = stats["mean"], stats["eps"]
+        perturbation_rows.append([
+            f"{run} ({stats['cases']} cases)", f"{eps:.4f}", f"{mean['roi_ring_contrast'] / eps:.1f}",
+            f"{mean['roi_std'] / eps:.1f}", f"{mean['roi_voxel_noise'] / eps:.1f}",
+            f"{mean['delta_mean_abs_over_eps']:.2f}", f"{mean['delta_fraction_at_bound']:.2f}",
+            f"{mean['delta_rms_over_voxel_noise']:.2f}",
+        ])
+    curve_rows = []
     for name, curve in report["learning_curves"].items():
         gap = curve.get("loss_minus_clean_first_half")
-        lines.append(f"| {name} | {curve['victim']} | {curve['method']} | {curve['seed']} | {100 * curve['dsc_mean']:.2f} "
-                     f"| {'-' if gap is None else f'{gap:+.3f}'} | {curve['last_epoch_rise']:.3f} "
-                     f"| {' '.join(f'{loss:.3f}' for loss in curve['epoch_losses'])} |")
+        curve_rows.append([
+            name, str(curve["victim"]), str(curve["method"]), str(curve["seed"]), f"{100 * curve['dsc_mean']:.2f}",
+            "-" if gap is None else f"{gap:+.3f}", f"{curve['last_epoch_rise']:.3f}",
+            " ".join(f"{loss:.3f}" for loss in curve["epoch_losses"]),
+        ])
+    lines = [
+        "## Signal scale and perturbation (normalised intensities; eps: the bound in each copy's manifest)", "",
+        markdown_table(["copy", "eps", "ROI-ring contrast / eps", "ROI std / eps", "ROI voxel noise / eps",
+                        "mean abs(delta) / eps", "ROI voxels at the bound", "delta RMS / voxel noise"],
+                       perturbation_rows),
+        "", f"Ring: {scale['ring_width']} voxels outside the ROI.", "",
+        "## Victim learning curves (mean training loss per epoch)", "",
+        markdown_table(["result", "victim", "method", "seed", "DSC (%)", "loss - clean, first half", "last-epoch rise",
+                        "losses by epoch"], curve_rows),
+    ]
     if report["surrogates"]:
+        surrogate_rows = [
+            [run, f"{100 * scores['clean_test']:.2f} ({scores['test_cases']})",
+             f"{100 * scores['clean_training']:.2f} ({scores['training_cases']})",
+             f"{100 * scores['protected_training']:.2f}"]
+            for run, scores in report["surrogates"].items()
+        ]
         lines += ["", "## The fitted surrogate F, scored like a victim (mean DSC, %)", "",
-                  "| fit | clean test cases | clean training cases | their protected copies |", "| --- | --- | --- | --- |"]
-        for run, scores in report["surrogates"].items():
-            lines.append(f"| {run} | {100 * scores['clean_test']:.2f} ({scores['test_cases']}) "
-                         f"| {100 * scores['clean_training']:.2f} ({scores['training_cases']}) "
-                         f"| {100 * scores['protected_training']:.2f} |")
+                  markdown_table(["fit", "clean test cases", "clean training cases", "their protected copies"],
+                                 surrogate_rows)]
     return "\n".join(lines) + "\n"
 
 
@@ -191,7 +230,7 @@ def main() -> None:
     perturbations = {}
     for run in options.runs.split(","):
         protected = work / run / "protected"
-        if not (protected / "voxshield_manifest.json").is_file():
+        if not (protected / MANIFEST_NAME).is_file():
             sys.exit(f"{protected}: no protected copy; run benchmarks/la_mri_benchmark.py --runs {run} first.")
         print(f"== {run}", flush=True)
         perturbations[run] = perturbation_statistics(data, protected, options.ring)
@@ -202,7 +241,7 @@ def main() -> None:
         print(f"== surrogate of {run}", flush=True)
         surrogates[run] = surrogate_scores(data, work / run, options.surrogate_cases)
     report = {
-        "signal_scale": {"eps": EPS, "ring_width": options.ring},
+        "signal_scale": {"ring_width": options.ring},
         "perturbations": perturbations,
         "surrogates": surrogates,
         "learning_curves": learning_curves(results),

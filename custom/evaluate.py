@@ -15,9 +15,10 @@ import torch
 from tqdm import tqdm
 
 from custom.data import BRATS_LABELS, DatasetSpec, load_case, normalise, open_dataset
-from custom.metrics import PSNR_DESCRIPTION, SSIM_DESCRIPTION, psnr, ssim_3d
+from custom.manifest import MANIFEST_NAME, manifest_protection
+from custom.markdown import markdown_table
+from custom.metrics import PSNR_DESCRIPTION, SSIM_DESCRIPTION, imperceptibility
 from custom.nifti_io import VoxShieldInputError, write_atomic
-from custom.protect import MANIFEST_NAME, fitted_record
 from custom.provenance import hardware, software_versions
 from custom.seg_metrics import aggregate, case_metrics
 
@@ -54,17 +55,6 @@ def score_cases(network: torch.nn.Module, inferer, spec: DatasetSpec, device="cp
         metrics = case_metrics(values[prediction], loaded.label, spacing, regions)
         records.append({"case_id": case.case_id, **metrics})
     return records
-
-
-def manifest_protection(folder: str | Path) -> dict | None:
-    """What a protected copy says of its making (method, parameters, fitted: the checkpoint and its
-    training record, or None for a training-free method), from its manifest; None for clean data.
-    An older manifest's "generator" entry is read as "fitted" (see fitted_record)."""
-    manifest = Path(folder) / MANIFEST_NAME
-    if not manifest.is_file():
-        return None
-    content = json.loads(manifest.read_text())
-    return {"method": content.get("method"), "parameters": content.get("parameters"), "fitted": fitted_record(content)}
 
 
 def _only(spec: DatasetSpec, case_ids: set[str]) -> DatasetSpec:
@@ -123,27 +113,28 @@ def _number(value: float | None, digits: int) -> str:
 
 
 def _markdown(results: dict) -> str:
+    """results.md: the victim's scores per region and their mean, the imperceptibility of its
+    training data (when measured) and the recipe."""
     run, overall = results["run"], results["metrics"]["aggregate"]
+    rows = [
+        [name, _number(region["mean_dice"], 4), _number(region["mean_hd95_mm"], 2), str(region["empty_predictions"])]
+        for name, region in overall["regions"].items()
+    ]
+    rows.append(["**mean**", f"**{_number(overall['mean_dice'], 4)}**", f"**{_number(overall['mean_hd95_mm'], 2)}**",
+                 f"{overall['empty_prediction_cases']} cases"])
     lines = [
         f"# Victim {run['victim']} trained on {run['train_data']} ({run['method']}), tested on clean {run['test_data']}",
         "",
-        "| region | DSC | HD95 (mm) | empty predictions |",
-        "| --- | --- | --- | --- |",
+        markdown_table(["region", "DSC", "HD95 (mm)", "empty predictions"], rows),
     ]
-    for name, region in overall["regions"].items():
-        lines.append(
-            f"| {name} | {_number(region['mean_dice'], 4)} | {_number(region['mean_hd95_mm'], 2)} "
-            f"| {region['empty_predictions']} |"
-        )
-    lines.append(f"| **mean** | **{_number(overall['mean_dice'], 4)}** | **{_number(overall['mean_hd95_mm'], 2)}** "
-                 f"| {overall['empty_prediction_cases']} cases |")
     seen = results["imperceptibility"]
     if seen:
-        lines += ["", "| PSNR volume (dB) | PSNR ROI (dB) | SSIM volume | SSIM ROI | voxels perturbed |",
-                  "| --- | --- | --- | --- | --- |",
-                  "| " + " | ".join(_number(seen["aggregate"][key], digits) for key, digits in (
-                      ("psnr_db_volume", 2), ("psnr_db_roi", 2), ("ssim_3d_volume", 4), ("ssim_3d_roi", 4),
-                      ("fraction_voxels_changed", 4))) + " |"]
+        columns = (("psnr_db_volume", 2), ("psnr_db_roi", 2), ("ssim_3d_volume", 4), ("ssim_3d_roi", 4),
+                   ("fraction_voxels_changed", 4))
+        lines += ["", markdown_table(
+            ["PSNR volume (dB)", "PSNR ROI (dB)", "SSIM volume", "SSIM ROI", "voxels perturbed"],
+            [[_number(seen["aggregate"][key], digits) for key, digits in columns]],
+        )]
     recipe = results["recipe"]
     lines += ["", f"Recipe: {json.dumps(recipe)}; wall time {results['wall_time_s']['total']:.0f} s."]
     return "\n".join(lines) + "\n"
@@ -205,13 +196,9 @@ class VictimEvaluation:
                 continue
             before = normalise(source.image, source.offsets, source.scales)
             after = normalise(copy.image, source.offsets, source.scales)
-            roi = source.label > 0
             records.append({
                 "case_id": case.case_id,
-                "psnr_db_volume": psnr(before, after),
-                "psnr_db_roi": psnr(before, after, roi),
-                "ssim_3d_volume": ssim_3d(before, after),
-                "ssim_3d_roi": ssim_3d(before, after, roi),
+                **imperceptibility(before, after, source.label > 0),
                 "fraction_voxels_changed": float((copy.image != source.image).mean()),
             })
         if not records:

@@ -48,3 +48,25 @@ def ssim_3d(clean: np.ndarray, protected: np.ndarray, region: np.ndarray | None 
     if not centres.any():
         return None
     return float(ssim_map[:, centres].mean())
+
+
+def imperceptibility(clean: np.ndarray, protected: np.ndarray, roi: np.ndarray) -> dict[str, float | None]:
+    """
+    How visible a protection is: PSNR (dB) and 3D SSIM of a protected case against its clean twin,
+    over the whole volume and over the ROI.
+
+    Args:
+        clean: (C, H, W, D) the clean case, normalised to [0, 1].
+        protected: (C, H, W, D) its protected copy, normalised with the clean case's normalisation.
+        roi: (H, W, D) boolean region of interest.
+
+    Returns:
+        ``psnr_db_volume``, ``psnr_db_roi``, ``ssim_3d_volume`` and ``ssim_3d_roi`` (see psnr and
+        ssim_3d for when one is None).
+    """
+    return {
+        "psnr_db_volume": psnr(clean, protected),
+        "psnr_db_roi": psnr(clean, protected, roi),
+        "ssim_3d_volume": ssim_3d(clean, protected),
+        "ssim_3d_roi": ssim_3d(clean, protected, roi),
+    }

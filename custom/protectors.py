@@ -1,235 +1,25 @@
 """
-Every protection method behind one small interface (in the spirit of torchattacks): VoxShield and
-the 3D baselines EM, TAP, LSP, SEP, PUE, UMed and a random-noise control.
-
-A ``Protector`` is fitted batch by batch on training patches (``fit_step``; custom.trainer.
-ProtectorTrainer runs it as an ignite engine) and then turns whole volumes into their perturbation
-(``perturb``). All methods share the ROI rule and the L-infinity bound of one
-custom.perturbation.ROIBoundedPerturbation, so a table compares the noise, not the budget.
+The 3D baselines EM, TAP, LSP, SEP, PUE, UMed and a random-noise control, behind the interface of
+custom.protector_base.Protector, and the registry of every method (these and custom.voxshield.
+VoxShield) that the bundle configs choose from.
 """
 
 from __future__ import annotations
-
-import zlib
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from custom.losses import InterSliceSpectralLoss, SemanticPredictionDisruptionLoss
 from custom.nifti_io import VoxShieldInputError
 from custom.perturbation import ROIBoundedPerturbation, dilate
-
-
-class Protector(nn.Module):
-    """
-    The interface. Subclasses set ``name`` and implement ``perturb``; methods that learn something
-    also implement ``fit_step`` and ``checkpoint_module`` (the module protect loads back).
-
-    Shapes:
-        image: (B, C, H, W, D) intensities normalised to [0, 1].
-        label: (B, 1, H, W, D) integer class map.
-        perturb(...) and forward(...)[1]: (B, C, H, W, D) delta, zero outside ``support(label)``,
-        within the bound, and such that image + delta stays in [0, 1].
-
-    Args:
-        perturbation: eps and the ROI rule shared by every method.
-        seed: makes every random draw a function of (seed, the input volume), so a case gets the
-            same noise whatever the order or sharding of a run.
-        amp: mixed precision (CUDA) for fitting and crafting.
-    """
-
-    name = ""
-    checkpoint_name: str | None = None  # the file, in the checkpoint folder, that fitting writes
-
-    def __init__(self, perturbation: ROIBoundedPerturbation, seed: int = 0, amp: bool = False) -> None:
-        super().__init__()
-        self.perturbation = perturbation
-        self.seed = int(seed)
-        self.amp = bool(amp)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
-
-    @property
-    def checkpoint_module(self) -> nn.Module | None:
-        """What fitting learns and protect loads; None for a training-free method."""
-        return None
-
-    @property
-    def trainable(self) -> bool:
-        return self.checkpoint_module is not None
-
-    def settings(self) -> dict:
-        """The method's scalar hyperparameters, for the training record and the manifest."""
-        return {key: value for key, value in vars(self).items()
-                if not key.startswith("_") and key != "training" and isinstance(value, (bool, int, float, str))}
-
-    def support(self, label: torch.Tensor) -> torch.Tensor:
-        """(B, 1, H, W, D) float mask of the voxels the method may change."""
-        return self.perturbation.roi_mask(label)
-
-    def start_epoch(self) -> None:
-        """Called by the trainer before each pass over the training data; for per-epoch schedules."""
-
-    def fit_step(self, image: torch.Tensor, label: torch.Tensor) -> dict[str, float]:
-        """One optimisation step on a batch of training patches; returns named losses."""
-        raise NotImplementedError(f"{self.name} is training-free: there is nothing to fit.")
-
-    def perturb(self, image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def forward(self, image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        delta = self.perturb(image, label)
-        return image + delta, delta
-
-    def random_generator(self, image: torch.Tensor) -> torch.Generator:
-        """A CPU generator seeded by ``seed`` and the volume's bytes."""
-        return torch.Generator().manual_seed(zlib.crc32(image.detach().float().cpu().numpy().tobytes(), self.seed))
-
-    def autocast(self, device: torch.device):
-        return torch.autocast(device_type=device.type, enabled=self.amp)
-
-    def optimiser_step(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
-        optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(optimizer)
-        self.scaler.update()
+from custom.protector_base import Protector
+from custom.voxshield import VoxShield
 
 
 def _uniform(shape, generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
     """Uniform in [-1, 1], drawn on the CPU (so the draw does not depend on the device)."""
     return (torch.rand(shape, generator=generator) * 2 - 1).to(like)
-
-
-class VoxShield(Protector):
-    """
-    VoxShield (the paper's method): a generator G makes the noise, trained against a surrogate F
-    in alternation. Each ``fit_step`` runs ``surrogate_steps`` updates of F on x_p with G fixed
-    (DiceCE; only on the first ``surrogate_batches_per_epoch`` batches of an epoch when that is
-    set), then ``generator_steps`` updates of G with F frozen, minimising
-    L = segmentation_loss(F(x_p), y) + lambda_spd * L_SPD(F(x_p), F(x)) + lambda_isc * L_ISC(delta).
-    ``perturb`` runs G over a whole volume with ``inferer`` (sliding windows).
-
-    fit_step returns ``loss`` (the generator's L), ``surrogate_loss``, ``segmentation_loss``,
-    ``spd_loss`` and ``isc_loss``.
-
-    Args:
-        perturbation, seed, amp: see Protector.
-        generator: G, C input channels -> C output channels (raw noise before the bound).
-        inferer: runs G over a whole volume, e.g. monai.inferers.SlidingWindowInferer; None calls G.
-        surrogate: F, C input channels -> K class logits (fitting only).
-        generator_optimizer, surrogate_optimizer: optimisers over G's and F's parameters (fitting only).
-        segmentation_loss: e.g. monai.losses.DiceCELoss(to_onehot_y=True, softmax=True) (fitting only).
-        lambda_spd: weight of L_SPD. Default 0.05 (paper).
-        lambda_isc: weight of L_ISC. Default 0.2 (paper).
-        isc_loss: the L_ISC module; default InterSliceSpectralLoss().
-        spd_loss: the L_SPD module; default SemanticPredictionDisruptionLoss().
-        surrogate_steps: F updates per batch. Default 1.
-        generator_steps: G updates per batch. Default 1.
-        surrogate_batches_per_epoch: update F on this many batches per epoch only (the authors' code:
-            10 surrogate minibatches, then a generator pass over every case); None, the default,
-            updates F on every batch.
-    """
-
-    name = "voxshield"
-    checkpoint_name = "generator.pt"
-
-    def __init__(
-        self,
-        perturbation: ROIBoundedPerturbation,
-        generator: nn.Module,
-        inferer=None,
-        surrogate: nn.Module | None = None,
-        generator_optimizer: torch.optim.Optimizer | None = None,
-        surrogate_optimizer: torch.optim.Optimizer | None = None,
-        segmentation_loss=None,
-        lambda_spd: float = 0.05,
-        lambda_isc: float = 0.2,
-        isc_loss: nn.Module | None = None,
-        spd_loss: nn.Module | None = None,
-        surrogate_steps: int = 1,
-        generator_steps: int = 1,
-        surrogate_batches_per_epoch: int | None = None,
-        seed: int = 0,
-        amp: bool = False,
-    ) -> None:
-        super().__init__(perturbation, seed, amp)
-        if surrogate_steps < 0 or generator_steps < 1:
-            raise ValueError("surrogate_steps must be >= 0 and generator_steps >= 1.")
-        if surrogate_batches_per_epoch is not None and surrogate_batches_per_epoch < 0:
-            raise ValueError(f"surrogate_batches_per_epoch must be None or >= 0, got {surrogate_batches_per_epoch}.")
-        self.generator = generator
-        self.inferer = inferer
-        self.surrogate = surrogate
-        self.generator_optimizer = generator_optimizer
-        self.surrogate_optimizer = surrogate_optimizer
-        self.segmentation_loss = segmentation_loss
-        self.lambda_spd = lambda_spd
-        self.lambda_isc = lambda_isc
-        self.isc_loss = isc_loss if isc_loss is not None else InterSliceSpectralLoss()
-        self.spd_loss = spd_loss if spd_loss is not None else SemanticPredictionDisruptionLoss()
-        self.surrogate_steps = surrogate_steps
-        self.generator_steps = generator_steps
-        self.surrogate_batches_per_epoch = surrogate_batches_per_epoch
-        self._surrogate_batches_left = surrogate_batches_per_epoch
-
-    def start_epoch(self) -> None:
-        self._surrogate_batches_left = self.surrogate_batches_per_epoch
-
-    @property
-    def checkpoint_module(self) -> nn.Module:
-        return self.generator
-
-    def fit_step(self, image: torch.Tensor, label: torch.Tensor) -> dict[str, float]:
-        if None in (self.surrogate, self.generator_optimizer, self.surrogate_optimizer, self.segmentation_loss):
-            raise ValueError("fitting VoxShield needs surrogate, both optimisers and segmentation_loss.")
-        roi = self.support(label)
-        surrogate_loss = torch.zeros(())
-        self.generator.train()
-        self.surrogate.train()
-        surrogate_steps = self.surrogate_steps
-        if self._surrogate_batches_left is not None:
-            surrogate_steps = surrogate_steps if self._surrogate_batches_left > 0 else 0
-            self._surrogate_batches_left -= 1
-        for _ in range(surrogate_steps):
-            with torch.no_grad(), self.autocast(image.device):
-                protected, _ = self.perturbation(image, self.generator(image), roi)
-            with self.autocast(image.device):
-                surrogate_loss = self.segmentation_loss(self.surrogate(protected), label)
-            self.optimiser_step(self.surrogate_optimizer, surrogate_loss)
-
-        frozen = getattr(self.surrogate, "module", self.surrogate)  # skip DDP's all-reduce in frozen passes
-        frozen.eval()
-        frozen.requires_grad_(False)
-        try:
-            with torch.no_grad(), self.autocast(image.device):
-                clean_logits = frozen(image)
-            for _ in range(self.generator_steps):
-                with self.autocast(image.device):
-                    protected, delta = self.perturbation(image, self.generator(image), roi)
-                    protected_logits = frozen(protected)
-                    segmentation = self.segmentation_loss(protected_logits, label)
-                    spd = self.spd_loss(protected_logits, clean_logits)
-                    isc = self.isc_loss(delta)
-                    loss = segmentation + self.lambda_spd * spd + self.lambda_isc * isc
-                self.optimiser_step(self.generator_optimizer, loss)
-        finally:
-            frozen.requires_grad_(True)
-        return {
-            "loss": loss.item(),
-            "surrogate_loss": surrogate_loss.item(),
-            "segmentation_loss": segmentation.item(),
-            "spd_loss": spd.item(),
-            "isc_loss": isc.item(),
-        }
-
-    def perturb(self, image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        self.generator.eval()
-        with torch.no_grad():
-            noise = self.inferer(image, self.generator) if self.inferer is not None else self.generator(image)
-            if not torch.isfinite(noise).all():
-                raise RuntimeError("the generator produced NaN or Inf; its checkpoint is unusable.")
-            return self.perturbation(image, noise, self.support(label))[1]
 
 
 class RandomNoise(Protector):

@@ -1,4 +1,5 @@
-"""The paper's tables from victim evaluations (results.json), and figures of a protected case."""
+"""The paper's tables from victim evaluations (results.json), and the report workflow that writes them
+with the figures of custom.figures."""
 
 from __future__ import annotations
 
@@ -10,14 +11,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
-from custom.data import Case, load_case, normalise, open_dataset
 from custom.evaluate import RESULTS_NAME
+from custom.figures import comparison_figure, perturbation_figure
+from custom.manifest import fitted_record
+from custom.markdown import markdown_table
 from custom.nifti_io import VoxShieldInputError, write_atomic
 from custom.perturbation import ROIBoundedPerturbation
-from custom.protect import MANIFEST_NAME, fitted_record
 
 RESULTS_FORMAT = "voxshield-evaluation/1"
 REPORT_FORMAT = "voxshield-report/1"
@@ -27,8 +27,9 @@ PERTURBATION_FIGURE = "perturbation.png"
 COMPARISON_FIGURE = "comparison.png"
 MAIN_VICTIM = "unet"
 ABLATED_METHOD = "voxshield"
+CLEAN = "clean"
 FULL = "full"
-VARIANTS = (FULL, "w/o L_SPD", "w/o L_ISC", "w/o L_SPD and L_ISC")
+ABLATIONS = (FULL, "w/o L_SPD", "w/o L_ISC", "w/o L_SPD and L_ISC")
 CLEAN_REFERENCE = "clean (reference)"
 # The defaults (train.json's too) of what shapes the noise: a result fitted with other values stays
 # out of Tables 1-3 (they compare methods as published) and is listed in Table 4
@@ -97,21 +98,42 @@ def _enabled(weight) -> bool:
     return weight is None or float(weight) > 0
 
 
-def _variant(result: dict) -> str:
-    """The row of a result in the ablation: clean, or which losses its generator was trained with."""
-    if result["run"]["method"] == "clean":
-        return "clean"
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """
+    How the training data of a result was protected, as far as the tables tell results apart.
+
+    Args:
+        ablation: CLEAN for clean data, else one of ABLATIONS: which generator losses were on.
+        settings: the settings that differ from DEFAULT_SETTINGS, each as "name value", then the
+            fitting epochs when there are such settings; empty for the paper's settings.
+    """
+
+    ablation: str
+    settings: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        """The variant's row name: the ablation, then its other settings after a semicolon."""
+        return f"{self.ablation}; {', '.join(self.settings)}" if self.settings else self.ablation
+
+
+def _variant(result: dict) -> Variant:
+    """The variant of a result: clean, or which losses its generator was trained with and how its
+    settings differ from the defaults."""
+    if result["run"]["method"] == CLEAN:
+        return Variant(CLEAN)
     protection = result.get("protection") or {}
     # a training-free method has no training record: its perturbation parameters say how it was made
     settings = _training(result) or protection.get("parameters")
     if not settings:
-        return FULL
+        return Variant(FULL)
     spd, isc = _enabled(settings.get("lambda_spd")), _enabled(settings.get("lambda_isc"))
-    ablation = VARIANTS[(not spd) + 2 * (not isc)]  # VARIANTS lists full, w/o SPD, w/o ISC, w/o both
+    ablation = ABLATIONS[(not spd) + 2 * (not isc)]  # ABLATIONS lists full, w/o SPD, w/o ISC, w/o both
     other = _other_settings(settings)
     if other and "epochs" in settings:  # Table 4 compares fits of any length: keep them apart
         other.append(f"{settings['epochs']} epochs")
-    return f"{ablation}; {', '.join(other)}" if other else ablation
+    return Variant(ablation, tuple(other))
 
 
 def _training(result: dict) -> dict | None:
@@ -209,8 +231,8 @@ def _by_fit_length(summaries: list[dict], name, order) -> tuple[dict[int, str], 
 
 
 def _paper_tables(summaries: list[dict]) -> list[_Table]:
-    main = [s for s in summaries if s["variant"] in ("clean", FULL)]
-    method, method_order = _by_fit_length(main, lambda s: s["method"], lambda name: (name != "clean", name))
+    main = [s for s in summaries if s["variant"] in (Variant(CLEAN), Variant(FULL))]
+    method, method_order = _by_fit_length(main, lambda s: s["method"], lambda name: (name != CLEAN, name))
     table1 = _build(
         "table1", "Table 1: protection methods against a 3D UNet victim", "method", ("dataset",),
         list(METRICS), [(method[id(s)], (s["dataset"],), s) for s in main if s["victim"] == MAIN_VICTIM],
@@ -223,11 +245,11 @@ def _paper_tables(summaries: list[dict]) -> list[_Table]:
         ["dsc_percent", "hd95_mm"], [(s["victim"], (s["dataset"], method[id(s)]), s) for s in main], victims,
         "protected data from fully trained generators (no ablations)", method_order,
     )
-    ablated = [s for s in summaries if s["victim"] == MAIN_VICTIM and s["method"] in ("clean", ABLATED_METHOD)
-               and s["variant"] in ("clean", *VARIANTS)]
+    ablated = [s for s in summaries if s["victim"] == MAIN_VICTIM and s["method"] in (CLEAN, ABLATED_METHOD)
+               and not s["variant"].settings]
     variant, variant_order = _by_fit_length(
-        ablated, lambda s: CLEAN_REFERENCE if s["method"] == "clean" else s["variant"],
-        (CLEAN_REFERENCE, *VARIANTS).index)
+        ablated, lambda s: CLEAN_REFERENCE if s["method"] == CLEAN else s["variant"].ablation,
+        (CLEAN_REFERENCE, *ABLATIONS).index)
     ablation = [(variant[id(s)], (s["dataset"],), s) for s in ablated]
     has_ablation = any(row != CLEAN_REFERENCE for row, _, _ in ablation)
     table3 = _build(
@@ -235,8 +257,8 @@ def _paper_tables(summaries: list[dict]) -> list[_Table]:
         list(METRICS), ablation if has_ablation else [], variant_order,
         f"victim {MAIN_VICTIM}; variant from protection.generator.training (lambda_spd, lambda_isc)",
     )
-    other = [(_other_row(s), (s["dataset"],), s)
-             for s in summaries if s["victim"] == MAIN_VICTIM and s["variant"] not in VARIANTS]
+    other = [(_other_row(s), (s["dataset"],), s) for s in summaries
+             if s["victim"] == MAIN_VICTIM and (s["variant"].settings or s["method"] == CLEAN)]
     other_rows = sorted({row for row, _, _ in other} - {CLEAN_REFERENCE})
     table4 = _build(
         "table4", "Table 4: settings other than train.json's defaults", "method: variant", ("dataset",),
@@ -249,9 +271,11 @@ def _paper_tables(summaries: list[dict]) -> list[_Table]:
 def _other_row(summary: dict) -> str:
     """Table 4's row name: the method and its settings (the loss ablation only where it applies)."""
     method, variant = summary["method"], summary["variant"]
-    if method == "clean":
+    if method == CLEAN:
         return CLEAN_REFERENCE
-    return f"{method}: {variant if method == ABLATED_METHOD else variant.removeprefix(FULL + '; ')}"
+    if method != ABLATED_METHOD and variant.ablation == FULL:  # the other methods have no losses to ablate
+        return f"{method}: {', '.join(variant.settings)}"
+    return f"{method}: {variant.name}"
 
 
 def _cell(summaries: list[dict], metric: str) -> dict:
@@ -298,19 +322,20 @@ def _note(table: _Table) -> str:
 
 
 def _markdown(table: _Table) -> str:
+    """A table's Markdown: its title, the table and its note."""
     headers = [table.row_name] + [
         f"{' '.join(group)} {METRICS[metric][0]}" for group in table.groups for metric in table.metrics
     ]
-    lines = [f"## {table.title}", "", "| " + " | ".join(headers) + " |", "|" + " --- |" * len(headers)]
-    for row in table.rows:
-        cells = [
+    rows = [
+        [row] + [
             _format(_cell(table.cells[(row, group)], metric), METRICS[metric][1])
             if (row, group) in table.cells else "-"
             for group in table.groups
             for metric in table.metrics
         ]
-        lines.append(f"| {row} | " + " | ".join(cells) + " |")
-    return "\n".join(lines + ["", _note(table), ""])
+        for row in table.rows
+    ]
+    return "\n".join([f"## {table.title}", "", markdown_table(headers, rows), "", _note(table), ""])
 
 
 def _json_rows(table: _Table) -> list[dict]:
@@ -393,195 +418,13 @@ def write_report(paths: str | os.PathLike | Sequence[str | os.PathLike], output_
 
 
 # ---- figures ------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class CasePair:
-    """A case and its protected twin, both normalised with the clean case's normalisation (C, H, W, D),
-    and the label (H, W, D)."""
-
-    case_id: str
-    clean: np.ndarray
-    protected: np.ndarray
-    label: np.ndarray
-
-
-def load_pair(clean_dir: str | os.PathLike, protected_dir: str | os.PathLike, case_id: str | None = None) -> CasePair:
-    """
-    Load a case of a protected dataset and of its clean source (the same relative paths).
-
-    Args:
-        clean_dir: the source dataset.
-        protected_dir: its protected copy, holding voxshield_manifest.json.
-        case_id: a case of the manifest; None takes the first.
-
-    Raises:
-        VoxShieldInputError: for a missing or unreadable manifest, or a case id it does not list.
-    """
-    protected_root = Path(protected_dir).expanduser().resolve()
-    manifest_path = protected_root / MANIFEST_NAME
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        entries = {str(entry["case_id"]): entry for entry in manifest["cases"]}
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as error:
-        raise VoxShieldInputError(f"{manifest_path}: missing or unreadable protection manifest ({error}).") from error
-    if not entries:
-        raise VoxShieldInputError(f"{manifest_path}: the manifest lists no cases.")
-    case_id = next(iter(entries)) if case_id is None else str(case_id)  # the CLI may pass a number
-    if case_id not in entries:
-        raise VoxShieldInputError(f"{protected_root}: no case {case_id!r} in the protected dataset.")
-    entry = entries[case_id]
-    case = Case(case_id, list(entry["images"]), entry["label"])
-    spec = open_dataset(clean_dir)
-    recorded = manifest.get("dataset") or {}
-    if recorded:  # normalise as protect did, even if it was given non-default settings
-        spec = dataclasses.replace(
-            spec,
-            normalisation=list(recorded.get("normalisation", spec.normalisation)),
-            ct_window=tuple(recorded.get("ct_window_hu", spec.ct_window)),
-            mri_percentiles=tuple(recorded.get("mri_percentiles", spec.mri_percentiles)),
-        )
-    clean = load_case(spec, case, allow_empty_label=True)
-    protected = load_case(dataclasses.replace(spec, root=protected_root), case, allow_empty_label=True)
-    if protected.image.shape != clean.image.shape:
-        raise VoxShieldInputError(f"{protected_root}: case {case_id!r} has another shape than in {spec.root}.")
-    return CasePair(
-        case_id,
-        normalise(clean.image, clean.offsets, clean.scales),
-        normalise(protected.image, clean.offsets, clean.scales),
-        clean.label,
-    )
-
-
-def roi_slices(label: np.ndarray, num_slices: int) -> list[int]:
-    """``num_slices`` consecutive axial (last axis) indices centred on the ROI's centre of mass
-    (the volume's centre for an empty label), kept inside the volume."""
-    depth = label.shape[-1]
-    if not 1 <= num_slices <= depth:
-        raise ValueError(f"num_slices must be between 1 and the volume depth {depth}, got {num_slices}.")
-    foreground = np.nonzero(label > 0)[-1]
-    centre = int(round(foreground.mean())) if foreground.size else depth // 2
-    first = min(max(centre - num_slices // 2, 0), depth - num_slices)
-    return list(range(first, first + num_slices))
-
-
-def _delta_slices(pair: CasePair, num_slices: int, channel: int) -> tuple[list[int], np.ndarray]:
-    if not 0 <= channel < pair.clean.shape[0]:
-        raise ValueError(f"channel {channel} out of range: case {pair.case_id} has {pair.clean.shape[0]} channel(s).")
-    indices = roi_slices(pair.label, num_slices)
-    delta = pair.protected[channel] - pair.clean[channel]
-    return indices, np.moveaxis(delta[..., indices], -1, 0)
-
-
-def perturbation_slices(
-    clean_dir: str | os.PathLike, protected_dir: str | os.PathLike, case_id: str | None = None,
-    num_slices: int = 4, channel: int = 0,
-) -> tuple[list[int], np.ndarray]:
-    """
-    The perturbation (protected - clean, normalised units) on the axial slices that
-    perturbation_figure shows.
-
-    Returns:
-        (slice indices, array (num_slices, H, W)).
-    """
-    return _delta_slices(load_pair(clean_dir, protected_dir, case_id), num_slices, channel)
-
-
-def _show(axis, image: np.ndarray, **style):
-    """Axial slice (H, W) with the first array axis horizontal, as viewers display RAS volumes."""
-    axis.set_xticks([])
-    axis.set_yticks([])
-    return axis.imshow(image.T, origin="lower", interpolation="nearest", **style)
-
-
-def _save(figure: Figure, output_png: str | os.PathLike) -> Path:
-    path = Path(output_png)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    FigureCanvasAgg(figure)  # explicit Agg canvas: no display, no pyplot global state
-    figure.savefig(path, dpi=100)
-    return path
-
-
-def perturbation_figure(
-    clean_dir: str | os.PathLike, protected_dir: str | os.PathLike, case_id: str | None, output_png: str | os.PathLike,
-    num_slices: int = 4, channel: int = 0,
-) -> Path:
-    """
-    Fig. 3-style PNG of one case's perturbation on ``num_slices`` consecutive axial slices through
-    the ROI centre: top row the perturbation (protected - clean, normalised with the clean case's
-    normalisation) on a symmetric colour map at +-max|delta| of the shown slices; bottom row each
-    slice's 2D amplitude spectrum (log10, fftshifted) on one shared scale, so flicker between
-    slices shows as changing spectra.
-
-    Args:
-        clean_dir, protected_dir, case_id: see load_pair.
-        output_png: the PNG to write.
-        num_slices: consecutive slices shown.
-        channel: image channel shown.
-
-    Returns:
-        the PNG's path.
-    """
-    pair = load_pair(clean_dir, protected_dir, case_id)
-    indices, deltas = _delta_slices(pair, num_slices, channel)
-    limit = float(np.abs(deltas).max()) or 1.0  # an unchanged case still gets a valid colour scale
-    amplitudes = np.abs(np.fft.fftshift(np.fft.fft2(deltas, axes=(1, 2)), axes=(1, 2)))
-    floor = float(amplitudes.max()) * 1e-6 or 1e-12  # log of an exact zero has no colour
-    spectra = np.log10(np.maximum(amplitudes, floor))
-
-    figure = Figure(figsize=(3 * num_slices + 1.5, 6.5), layout="constrained")
-    axes = figure.subplots(2, num_slices, squeeze=False)
-    for column, index in enumerate(indices):
-        delta_image = _show(axes[0, column], deltas[column], cmap="RdBu_r", vmin=-limit, vmax=limit)
-        axes[0, column].set_title(f"perturbation, slice {index}")
-        spectrum_image = _show(axes[1, column], spectra[column], cmap="viridis", vmin=spectra.min(), vmax=spectra.max())
-        axes[1, column].set_title(f"amplitude spectrum, slice {index}")
-    figure.colorbar(delta_image, ax=axes[0, :], label="protected - clean (normalised)")
-    figure.colorbar(spectrum_image, ax=axes[1, :], label="log10 |FFT|")
-    figure.suptitle(f"Case {pair.case_id}, channel {channel}: perturbation and its spectrum on axial slices")
-    return _save(figure, output_png)
-
-
-def comparison_figure(
-    clean_dir: str | os.PathLike, protected_dir: str | os.PathLike, case_id: str | None, output_png: str | os.PathLike,
-    channel: int = 0, amplification: float = 20,
-) -> Path:
-    """
-    PNG of the ROI-centre axial slice: clean, protected (same grey scale, [0, 1] normalised) and the
-    difference (protected - clean) multiplied by ``amplification`` on a symmetric colour map over the
-    same +-1 range, so it reads against the image's intensity scale.
-
-    Args:
-        clean_dir, protected_dir, case_id: see load_pair.
-        output_png: the PNG to write.
-        channel: image channel shown.
-        amplification: factor applied to the difference (given in its title).
-
-    Returns:
-        the PNG's path.
-    """
-    pair = load_pair(clean_dir, protected_dir, case_id)
-    (index,), delta = _delta_slices(pair, 1, channel)
-    figure = Figure(figsize=(12, 4.5), layout="constrained")
-    axes = figure.subplots(1, 3)
-    grey = {"cmap": "gray", "vmin": 0.0, "vmax": 1.0}
-    image = _show(axes[0], pair.clean[channel][..., index], **grey)
-    axes[0].set_title(f"clean, slice {index}")
-    _show(axes[1], pair.protected[channel][..., index], **grey)
-    axes[1].set_title(f"protected, slice {index}")
-    figure.colorbar(image, ax=axes[:2], label="normalised intensity")
-    difference = _show(axes[2], amplification * delta[0], cmap="RdBu_r", vmin=-1.0, vmax=1.0)
-    axes[2].set_title(f"difference x{amplification:g} (protected - clean)")
-    figure.colorbar(difference, ax=axes[2], label=f"{amplification:g} x (protected - clean)")
-    figure.suptitle(f"Case {pair.case_id}, channel {channel}")
-    return _save(figure, output_png)
-
-
 def write_figures(
     clean_dir: str | os.PathLike | None, protected_dir: str | os.PathLike | None, output_dir: str | os.PathLike,
     case_id: str | None = None, num_slices: int = 4, channel: int = 0, amplification: float = 20,
 ) -> list[Path]:
     """
-    The report bundle's figures: OUTPUT/perturbation.png and OUTPUT/comparison.png, or nothing when
-    neither dataset is given.
+    The report bundle's figures (see custom.figures): OUTPUT/perturbation.png and OUTPUT/comparison.png,
+    or nothing when neither dataset is given.
 
     Raises:
         VoxShieldInputError: when only one of ``clean_dir`` and ``protected_dir`` is given.

@@ -9,7 +9,7 @@ from ignite.engine import Events
 from monai.engines import Trainer
 from monai.engines.utils import default_prepare_batch
 
-from custom.protectors import Protector
+from custom.protector_base import Protector
 
 
 class ProtectorTrainer(Trainer):

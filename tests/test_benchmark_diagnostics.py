@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from torch.utils.tensorboard import SummaryWriter
 
+from custom.figures import CasePair
+
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "la_mri_diagnostics.py"
 spec = importlib.util.spec_from_file_location("la_mri_diagnostics", SCRIPT)
 diagnostics = importlib.util.module_from_spec(spec)
@@ -26,7 +28,7 @@ def test_case_statistics_on_a_hand_made_case():
     protected[4:6, 4:8, 4:8] += EPS  # half the ROI at +eps
     protected[6:8, 4:8, 4:8] -= EPS / 2  # the other half at -eps/2
 
-    stats = diagnostics.case_statistics(clean, protected, roi, ring_width=1)
+    stats = diagnostics.case_statistics(clean, protected, roi, ring_width=1, eps=EPS)
 
     assert stats["roi_ring_contrast"] == pytest.approx(0.3)  # ROI mean 0.5, ring 0.2
     assert stats["roi_std"] == pytest.approx(0.03)
@@ -37,6 +39,29 @@ def test_case_statistics_on_a_hand_made_case():
     assert stats["delta_fraction_at_bound"] == pytest.approx(0.5)
     rms = math.sqrt((EPS**2 + (EPS / 2) ** 2) / 2)
     assert stats["delta_rms_over_voxel_noise"] == pytest.approx(rms / noise)
+
+
+def test_copy_statistics_measure_against_the_bound_in_the_manifest():
+    """A copy made with eps 16/255: a voxel moved by 4/255 is not at its bound, one moved by 16/255 is."""
+    eps = 16 / 255
+    manifest = {"format": "voxshield-manifest/1", "method": "random", "parameters": {"eps": eps},
+                "eps_normalised": eps, "cases": [{"case_id": "a"}, {"case_id": "b"}]}
+    label = np.zeros((6, 6, 6), np.int64)
+    label[2:4, 2:4, 2:4] = 1  # 8 ROI voxels
+    # a texture of +-0.01 around 0.5, so the ROI has a voxel noise to compare the perturbation with
+    clean = 0.5 + np.random.default_rng(0).uniform(-0.01, 0.01, (1, 6, 6, 6))
+    first, second = clean.copy(), clean.copy()
+    first[0, 2:4, 2:4, 2:4] += eps  # every ROI voxel at +eps
+    second[0, 2, 2:4, 2:4] -= eps  # half the ROI at -eps ...
+    second[0, 3, 2:4, 2:4] += 4 / 255  # ... the other half at the 4/255 of the paper's setting
+    pairs = [CasePair("a", clean, first, label), CasePair("b", clean, second, label)]
+
+    stats = diagnostics.copy_statistics(manifest, pairs, ring_width=1)
+
+    assert stats["eps"] == eps and stats["cases"] == 2
+    assert stats["mean"]["delta_fraction_at_bound"] == pytest.approx((1.0 + 0.5) / 2)
+    assert stats["mean"]["delta_mean_abs_over_eps"] == pytest.approx((1.0 + (1 + 0.25) / 2) / 2)
+    assert stats["mean"]["roi_ring_contrast"] == pytest.approx(0.0, abs=0.02)  # ROI and ring alike
 
 
 def _result(folder: Path, method: str, losses: list[float], epochs: int) -> None:

@@ -322,7 +322,7 @@ def test_verify_multichannel_and_dilated_roi(layout, roi_dilation, tmp_path, ran
     from custom.data import open_dataset
     from custom.perturbation import ROIBoundedPerturbation
     from custom.protect import DatasetProtector
-    from custom.protectors import VoxShield
+    from custom.voxshield import VoxShield
 
     if layout == "brats":
         data, channels, checkpoint = make_demo_dataset(tmp_path / "data", "brats", 2, (32, 32, 16)), 4, random_checkpoints[4]

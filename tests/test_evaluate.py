@@ -10,7 +10,7 @@ import torch
 
 from conftest import run_bundle
 from custom.data import open_dataset
-from custom.evaluate import BRATS_REGIONS, evaluation_regions, held_out_split, manifest_protection, score_cases
+from custom.evaluate import BRATS_REGIONS, evaluation_regions, held_out_split, score_cases
 from custom.nifti_io import VoxShieldInputError
 from test_protect import protector
 
@@ -48,17 +48,6 @@ def test_held_out_split(flare_data, tmp_path):
         held_out_split(str(flare_data), str(flare_data))
     with pytest.raises(VoxShieldInputError, match="no training cases left"):
         held_out_split(str(flare_data), str(flare_data), ["train_000", "train_001", "train_002"])
-
-
-def test_manifest_protection_reads_old_and_new_manifests(tmp_path):
-    fitted = {"checkpoint": "generator.pt", "sha256": "0" * 64, "training": {"epochs": 10}}
-    parameters = {"eps": 4 / 255}
-    for key, folder in (("fitted", tmp_path / "new"), ("generator", tmp_path / "old")):
-        folder.mkdir()
-        (folder / "voxshield_manifest.json").write_text(json.dumps(
-            {"method": "voxshield", "parameters": parameters, key: fitted, "cases": []}))
-        assert manifest_protection(folder) == {"method": "voxshield", "parameters": parameters, "fitted": fitted}
-    assert manifest_protection(tmp_path) is None  # clean data: no manifest
 
 
 class Threshold(torch.nn.Module):

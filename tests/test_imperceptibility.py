@@ -7,7 +7,7 @@ import pytest
 import torch
 from monai.metrics import SSIMMetric
 
-from custom.metrics import psnr, ssim_3d
+from custom.metrics import imperceptibility, psnr, ssim_3d
 
 
 def volumes():
@@ -48,3 +48,25 @@ def test_psnr_by_hand():
     assert psnr(clean, protected, region) == pytest.approx(10 * math.log10(1 / mse_roi))
     assert 0.45 < changed < 0.55
     assert psnr(clean, clean) is None
+
+
+def test_imperceptibility_gathers_the_four_measures():
+    clean, protected = volumes()
+    noisy = np.zeros(clean.shape[1:], bool)
+    noisy[15:30] = True  # a third in the untouched part (x < 20), the rest in the noisy one
+    squared = (protected - clean) ** 2
+    measured = imperceptibility(clean, protected, noisy)
+    assert list(measured) == ["psnr_db_volume", "psnr_db_roi", "ssim_3d_volume", "ssim_3d_roi"]
+    assert measured["psnr_db_volume"] == pytest.approx(10 * math.log10(1 / squared.mean()))
+    assert measured["psnr_db_roi"] == pytest.approx(10 * math.log10(1 / squared[:, 15:30].mean()))
+    metric = SSIMMetric(spatial_dims=3, data_range=1.0, kernel_type="gaussian", win_size=11, kernel_sigma=1.5)
+    whole = float(metric(torch.as_tensor(protected[None]), torch.as_tensor(clean[None])).mean())
+    assert measured["ssim_3d_volume"] == pytest.approx(whole, abs=1e-6)
+    assert measured["ssim_3d_roi"] < 1.0
+
+    quiet = np.zeros(clean.shape[1:], bool)
+    quiet[:10] = True  # window centres here (radius 5) never reach the noisy part (x >= 20)
+    untouched = imperceptibility(clean, protected, quiet)
+    assert untouched["psnr_db_roi"] is None  # identical there
+    assert untouched["ssim_3d_roi"] == pytest.approx(1.0, abs=1e-6)
+    assert untouched["psnr_db_volume"] == measured["psnr_db_volume"]

@@ -19,7 +19,7 @@ from custom.data import open_dataset
 from custom.nifti_io import VoxShieldInputError
 from custom.perturbation import ROIBoundedPerturbation
 from custom.protect import DatasetProtector, bounded_stored_values
-from custom.protectors import VoxShield
+from custom.voxshield import VoxShield
 
 
 def protector(dataset_dir, output_dir, checkpoint, channels, **options):

@@ -22,9 +22,9 @@ from custom.protectors import (
     RandomNoise,
     StableErrorMinimizing,
     UMed,
-    VoxShield,
     select,
 )
+from custom.voxshield import VoxShield
 from custom.nifti_io import VoxShieldInputError
 from custom.trainer import ProtectorTrainer
 

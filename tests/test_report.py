@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import run_bundle
-from custom import report
+from custom import figures, report
 from custom.demo import make_demo_dataset
 from custom.nifti_io import VoxShieldInputError
 
@@ -168,7 +168,7 @@ def hounsfield(path):
 
 def test_perturbation_slices(datasets):
     clean, protected, case = datasets
-    indices, deltas = report.perturbation_slices(clean, protected, case["case_id"], num_slices=4)
+    indices, deltas = figures.perturbation_slices(clean, protected, case["case_id"], num_slices=4)
     label = np.asanyarray(nib.load(clean / case["label"]).dataobj) > 0
     centre = int(round(np.nonzero(label)[2].mean()))
     assert len(indices) == 4 and indices == list(range(indices[0], indices[0] + 4)) and centre in indices
@@ -183,18 +183,18 @@ def test_perturbation_slices(datasets):
 
 def test_figures(datasets, tmp_path):
     clean, protected, case = datasets
-    perturbation = report.perturbation_figure(clean, protected, case["case_id"], tmp_path / "a" / "fig3.png",
-                                              num_slices=3)
-    comparison = report.comparison_figure(clean, protected, None, tmp_path / "cmp.png", amplification=30)
+    perturbation = figures.perturbation_figure(clean, protected, case["case_id"], tmp_path / "a" / "fig3.png",
+                                               num_slices=3)
+    comparison = figures.comparison_figure(clean, protected, None, tmp_path / "cmp.png", amplification=30)
     for path in (perturbation, comparison):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         pixels = matplotlib.image.imread(path)
         assert pixels.ndim == 3 and 300 <= pixels.shape[0] <= 1000 and 600 <= pixels.shape[1] <= 2000
         assert pixels[..., :3].std() > 0.05  # not a blank canvas
     with pytest.raises(VoxShieldInputError, match=f"{protected}: no case 'nope'"):
-        report.comparison_figure(clean, protected, "nope", tmp_path / "x.png")
+        figures.comparison_figure(clean, protected, "nope", tmp_path / "x.png")
     with pytest.raises(VoxShieldInputError, match="voxshield_manifest.json"):
-        report.perturbation_figure(clean, clean, None, tmp_path / "y.png")
+        figures.perturbation_figure(clean, clean, None, tmp_path / "y.png")
 
 
 def test_report_bundle(results_dir, datasets, tmp_path):
@@ -267,3 +267,10 @@ def test_fit_lengths_and_training_free_bounds_are_kept_apart(tmp_path):
     table4 = markdown_rows(markdown, "Table 4")
     assert {row: cells["FLARE21 DSC (%)"] for row, cells in table4.items()} == {
         "clean (reference)": "80.00", "lsp: eps 0.1255": "10.00"}
+
+
+def test_variant_name():
+    assert report.Variant(report.CLEAN).name == "clean"
+    assert report.Variant("w/o L_SPD").name == "w/o L_SPD"
+    assert report.Variant(report.FULL, ("eps 0.06275", "50 epochs")).name == "full; eps 0.06275, 50 epochs"
+    assert report.Variant(report.FULL) == report.Variant("full", ())  # equal by value: the tables select by it

@@ -10,7 +10,7 @@ from monai.losses import DiceCELoss
 from monai.networks.nets import UNet
 
 from custom.perturbation import ROIBoundedPerturbation
-from custom.protectors import VoxShield
+from custom.voxshield import VoxShield
 from custom.trainer import ProtectorTrainer
 
 
