@@ -6,6 +6,7 @@ import inspect
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -60,6 +61,29 @@ def config_files(name: str, workflow: str) -> list[str]:
     if not (configs / BUNDLE_CONFIG).is_file():
         return [str(configs / layers[-1])]
     return [str(configs / BUNDLE_CONFIG)] + [str(shared_configs() / layer) for layer in layers]
+
+
+def shared_defaults(settings: Sequence[str], networks: Sequence[str]) -> dict:
+    """
+    The project's defaults, read from the one place that sets them, the shared configs/train.json.
+
+    Args:
+        settings: top-level keys whose values are resolved (``"eps": "$4 / 255"`` -> 0.0157).
+        networks: network definitions (e.g. ``generator_def``) whose literal arguments are returned
+            as written, without building the network (its channel counts depend on the dataset).
+
+    Returns:
+        {key: value} for each setting, then {definition: {argument: value}} for each network.
+    """
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(shared_configs() / "train.json"))
+    defaults = {key: parser.get_parsed_content(key) for key in settings}
+    for name in networks:
+        defaults[name] = {argument: value for argument, value in parser[name].items()
+                          if not argument.startswith("_") and not (isinstance(value, str) and value[:1] in "$@%")}
+    return defaults
 
 
 def network_record(network: torch.nn.Module) -> dict:

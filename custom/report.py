@@ -4,6 +4,7 @@ with the figures of custom.figures."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -17,7 +18,7 @@ from custom.figures import comparison_figure, perturbation_figure
 from custom.manifest import fitted_record
 from custom.markdown import markdown_table
 from custom.nifti_io import VoxShieldInputError, write_atomic
-from custom.perturbation import ROIBoundedPerturbation
+from custom.bundle_utils import shared_defaults
 
 RESULTS_FORMAT = "voxshield-evaluation/1"
 REPORT_FORMAT = "voxshield-report/1"
@@ -31,10 +32,11 @@ CLEAN = "clean"
 FULL = "full"
 ABLATIONS = (FULL, "w/o L_SPD", "w/o L_ISC", "w/o L_SPD and L_ISC")
 CLEAN_REFERENCE = "clean (reference)"
-# The defaults (train.json's too) of what shapes the noise: a result fitted with other values stays
-# out of Tables 1-3 (they compare methods as published) and is listed in Table 4
-DEFAULT_SETTINGS = {**ROIBoundedPerturbation().settings(), "surrogate_steps": 1, "generator_steps": 1,
-                    "surrogate_batches_per_epoch": None}
+# What shapes the noise: a result fitted with other values than configs/train.json's stays out of
+# Tables 1-3 (they compare methods as published) and is listed in Table 4
+SETTINGS = ("eps", "roi_dilation", "squash", "mask_roi", "surrogate_steps", "generator_steps",
+            "surrogate_batches_per_epoch")
+NETWORKS = {"generator": "generator_def", "surrogate": "surrogate_def"}  # training record key -> config key
 # key in report.json -> (Markdown header, decimals)
 METRICS = {
     "dsc_percent": ("DSC (%)", 2),
@@ -105,7 +107,7 @@ class Variant:
 
     Args:
         ablation: CLEAN for clean data, else one of ABLATIONS: which generator losses were on.
-        settings: the settings that differ from DEFAULT_SETTINGS, each as "name value", then the
+        settings: the settings that differ from configs/train.json's, each as "name value", then the
             fitting epochs when there are such settings; empty for the paper's settings.
     """
 
@@ -141,15 +143,28 @@ def _training(result: dict) -> dict | None:
     return (fitted_record(result.get("protection") or {}) or {}).get("training")
 
 
+@functools.cache
+def _defaults() -> dict:
+    """configs/train.json's values of SETTINGS and NETWORKS (read once)."""
+    return shared_defaults(SETTINGS, tuple(NETWORKS.values()))
+
+
 def _other_settings(settings: dict) -> list[str]:
     """The settings of a training record (or a training-free method's parameters) that differ from
-    DEFAULT_SETTINGS, as "name value" (a setting missing from a record counts as the default)."""
+    configs/train.json's, as "name value" (a setting missing from a record counts as the default),
+    then each network argument that differs, as "generator channels [8, 16, 32, 64]"."""
+    defaults = _defaults()
     other = []
-    for name, default in DEFAULT_SETTINGS.items():
+    for name in SETTINGS:
+        default = defaults[name]
         value = settings.get(name, default)
         same = math.isclose(value, default) if isinstance(default, float) else value == default
         if not same:
             other.append(_setting_text(name, value))
+    for record_key, config_key in NETWORKS.items():
+        built = settings.get(record_key) or {}  # records written before networks were recorded: the default
+        other += [f"{record_key} {argument} {built[argument]}" for argument, default in defaults[config_key].items()
+                  if argument in built and built[argument] != default]
     return other
 
 
@@ -263,7 +278,7 @@ def _paper_tables(summaries: list[dict]) -> list[_Table]:
     table4 = _build(
         "table4", "Table 4: settings other than train.json's defaults", "method: variant", ("dataset",),
         list(METRICS), other if other_rows else [], [CLEAN_REFERENCE, *other_rows],
-        f"victim {MAIN_VICTIM}; defaults: " + ", ".join(_setting_text(*item) for item in DEFAULT_SETTINGS.items()),
+        f"victim {MAIN_VICTIM}; defaults: " + ", ".join(_setting_text(name, _defaults()[name]) for name in SETTINGS),
     )
     return [table for table in (table1, table2, table3, table4) if table.rows]
 
@@ -369,8 +384,9 @@ def tables(results: list[dict]) -> str:
     - Table 3, ablation of the voxshield generator's losses (from protection.generator.training):
       full, w/o L_SPD (lambda_spd 0), w/o L_ISC (lambda_isc 0), with the clean reference row; UNet victim;
       only when there is a voxshield result.
-    - Table 4, results fitted with settings other than train.json's defaults (DEFAULT_SETTINGS: eps,
-      ROI dilation, squash, ROI masking, surrogate and generator steps, surrogate batches per epoch),
+    - Table 4, results fitted with settings other than configs/train.json's (SETTINGS: eps, ROI
+      dilation, squash, ROI masking, surrogate and generator steps, surrogate batches per epoch; and
+      the arguments of both networks, where the training record names them),
       one row per method and variant, with the clean reference row; UNet victim. Tables 1-3 leave
       these results out. A training-free method's settings are read from its perturbation parameters.
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from monai.bundle import ConfigParser
 from monai.networks.nets import UNet
 
 from custom.bundle_utils import config_files
@@ -18,9 +19,11 @@ EPS = 4 / 255
 
 
 def generator_net(channels: int) -> UNet:
-    """The bundles' generator_def (train.json / protect.json)."""
-    return UNet(3, channels, channels, channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=1,
-                norm="INSTANCE", act="LEAKYRELU")
+    """The configs' generator_def (configs/train.json) for ``channels`` image channels."""
+    parser = ConfigParser()
+    parser.read_config(config_files("voxshield_flare", "training"))
+    parser["generator_def#in_channels"] = parser["generator_def#out_channels"] = channels
+    return parser.get_parsed_content("generator_def")
 
 
 def run_bundle(*args: str, bundle: str = "voxshield_flare") -> subprocess.CompletedProcess:

@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import run_bundle
+from conftest import REPO_ROOT, run_bundle
 from custom import figures, report
 from custom.demo import make_demo_dataset
 from custom.nifti_io import VoxShieldInputError
@@ -240,6 +240,28 @@ def test_other_settings_leave_the_paper_tables_for_table_4(tmp_path):
     assert table4["voxshield: full; eps 0.06275, roi_dilation 2, 50 epochs"]["FLARE21 DSC (%)"] == "40.00"
     assert table4["voxshield: w/o L_SPD; surrogate_steps 0, 50 epochs"]["FLARE21 DSC (%)"] == "30.00"
     assert "defaults: eps 0.01569, roi_dilation 0, squash tanh" in markdown
+
+
+def test_networks_other_than_train_json_leave_the_paper_tables(tmp_path):
+    """A record naming the networks it was fitted with: the paper's generator stays in Table 1; a
+    norm-free generator or a lighter surrogate goes to Table 4 under its own name."""
+    config = json.loads((REPO_ROOT / "configs" / "train.json").read_text())
+    generator = {key: config["generator_def"][key] for key in ("channels", "strides", "num_res_units", "norm", "act")}
+    surrogate = {key: config["surrogate_def"][key] for key in ("channels", "strides", "num_res_units", "norm")}
+    networks = {"generator": {"in_channels": 1, **generator, "parameters": 1}, "surrogate": {"out_channels": 2, **surrogate}}
+    root = tmp_path / "runs"
+    results_file(root / "clean", dice=0.80)
+    results_file(root / "paper", "voxshield", dice=0.60, training={**full(), **networks})
+    results_file(root / "norm_free", "voxshield", dice=0.50,
+                 training={**full(), **networks, "generator": {**networks["generator"], "norm": None}})
+    results_file(root / "light", "voxshield", dice=0.40,
+                 training={**full(), **networks, "surrogate": {**surrogate, "channels": [16, 32, 64, 128, 256]}})
+    markdown = report.tables(report.collect_results(root))
+
+    assert markdown_rows(markdown, "Table 1")["voxshield"]["FLARE21 DSC (%)"] == "60.00"
+    table4 = markdown_rows(markdown, "Table 4")
+    assert table4["voxshield: full; generator norm None, 50 epochs"]["FLARE21 DSC (%)"] == "50.00"
+    assert table4["voxshield: full; surrogate channels [16, 32, 64, 128, 256], 50 epochs"]["FLARE21 DSC (%)"] == "40.00"
 
 
 def test_fit_lengths_and_training_free_bounds_are_kept_apart(tmp_path):
