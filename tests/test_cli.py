@@ -2,6 +2,7 @@
 every command, the wiring to the bundles' workflows, protect giving exactly what `python -m monai.bundle
 run protect` gives, and verify catching each kind of damage to a protected copy by name."""
 
+import filecmp
 import gzip
 import json
 import re
@@ -168,7 +169,7 @@ def test_cli_protect_equals_python_m_monai_bundle_run(protected, tmp_path, monke
     assert ours == theirs  # every file's sha256, every per-case figure, the parameters
     for record in ours["cases"]:
         for name in record["images"]:
-            assert (output / name).read_bytes() == (tmp_path / "reference" / name).read_bytes()
+            assert filecmp.cmp(output / name, tmp_path / "reference" / name, shallow=False)
 
 
 def test_verify_accepts_the_protected_copy(protected, capsys):
