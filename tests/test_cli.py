@@ -19,7 +19,7 @@ from conftest import REPO_ROOT, run_bundle
 from test_protect import msd_4d_scaled
 from custom import cli
 from custom.demo import make_demo_dataset
-from custom.verify import verify_copy
+from custom.verify import dilate, verify_copy
 
 COMMANDS = ["protect", "train", "evaluate", "report", "verify", "export"]
 IMAGE = "TrainingImg/train_001_0000.nii.gz"
@@ -325,3 +325,36 @@ def test_verify_multichannel_and_dilated_roi(layout, roi_dilation, tmp_path, ran
     failures, _ = verify_copy(data, output)
     assert bool(failures) == bool(roi_dilation)
     assert all("outside the ROI (label == 0) changed" in line for line in failures)
+
+
+@pytest.mark.parametrize("method", ["umed", "random_everywhere"])
+def test_verify_follows_the_methods_support(method, tmp_path, single_thread):
+    from monai.losses import DiceCELoss
+    from monai.networks.nets import UNet
+
+    from custom.data import open_dataset
+    from custom.perturbation import ROIBoundedPerturbation
+    from custom.protect import DatasetProtector
+    from custom.protectors import RandomNoise, UMed
+
+    data = make_demo_dataset(tmp_path / "data", "flare", num_cases=2, shape=(32, 32, 16))
+    output, checkpoint = tmp_path / "out", None
+    if method == "umed":  # noise on the label and on its contour band outside it
+        surrogate = UNet(3, 1, 5, channels=(4, 8, 16), strides=(2, 2), num_res_units=0)
+        checkpoint = tmp_path / "surrogate.pt"
+        torch.save(surrogate.state_dict(), checkpoint)
+        (tmp_path / "training_config.json").write_text(json.dumps({"method": "umed"}))
+        protection = UMed(ROIBoundedPerturbation(), surrogate, segmentation_loss=DiceCELoss(to_onehot_y=True, softmax=True),
+                          steps=1, divisible=4)
+    else:  # noise on every voxel
+        protection = RandomNoise(ROIBoundedPerturbation(mask_roi=False))
+    DatasetProtector(open_dataset(data), output, protection, checkpoint).run()
+    label = label_of(data)
+    changed = nib.load(output / IMAGE).get_fdata() != nib.load(data / IMAGE).get_fdata()
+    assert changed[label == 0].any()  # the method changed voxels outside the label, as it may
+    assert verify_copy(data, output) == ([], 2)
+    if method == "umed":  # a voxel 3 voxels from the label lies beyond the 1-voxel band: verify still guards it
+        far = np.argwhere((label == 0) & ~dilate(label > 0, 2))[0]
+        rewrite_voxels(output / IMAGE, lambda values: values.__setitem__(tuple(far), values[tuple(far)] + 1))
+        failures, _ = verify_copy(data, output)
+        assert any("1 stored voxel(s) outside the ROI (label == 0) changed" in line for line in failures)
