@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from monai.transforms import MapTransform
+from monai.transforms import MapLabelValue, MapTransform
 
 from custom.nifti_io import VoxShieldInputError, load_nifti, read_stored, slope_inter
 
@@ -338,10 +338,12 @@ class LoadCased(MapTransform):
         self.spec = spec
         self.cases = {case.case_id: case for case in spec.cases}
         self.image_key, self.label_key = image_key, label_key
-        self.class_index = np.zeros(max(spec.label_values) + 1, dtype=np.float32)
-        self.class_index[spec.label_values] = np.arange(len(spec.label_values))
+        # load_case rejects values outside spec.labels, so every voxel has a class index
+        self.to_class_index = MapLabelValue(
+            orig_labels=spec.label_values, target_labels=range(len(spec.label_values)), dtype=np.float32
+        )
 
     def __call__(self, data: dict) -> dict:
         loaded = load_case(self.spec, self.cases[data["case_id"]])
-        label = self.class_index[loaded.label]
-        return {**data, self.image_key: normalise(loaded.image, loaded.offsets, loaded.scales), self.label_key: label[None]}
+        label = self.to_class_index(loaded.label[None])
+        return {**data, self.image_key: normalise(loaded.image, loaded.offsets, loaded.scales), self.label_key: label}

@@ -5,23 +5,27 @@ from __future__ import annotations
 import os
 import platform
 
-import monai
-import nibabel
-import numpy as np
 import torch
+from monai.config.deviceconfig import get_config_values, get_package_version
 
 
 def software_versions() -> dict:
+    """Python's version and those of the libraries that shape the output, the latter as MONAI's config
+    report gives them (MONAI's system report holds Python's too, but fails on a Linux without
+    /etc/os-release)."""
+    monai_config = get_config_values()
     return {
         "python": platform.python_version(),
-        "torch": torch.__version__,
-        "monai": monai.__version__,
-        "numpy": np.__version__,
-        "nibabel": nibabel.__version__,
+        "torch": monai_config["Pytorch"],
+        "monai": monai_config["MONAI"],
+        "numpy": monai_config["Numpy"],
+        "nibabel": get_package_version("nibabel"),
     }
 
 
 def hardware() -> dict:
+    """CPU model, core and thread counts, GPU name. By hand: MONAI's system report names no CPU model on
+    Linux (platform.processor() is empty there) and counts cores only with psutil, not a dependency."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as info:

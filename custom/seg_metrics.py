@@ -13,7 +13,9 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-from scipy import ndimage
+import torch
+from monai.metrics import compute_dice
+from monai.metrics.utils import get_edge_surface_distance
 
 HD95_DESCRIPTION = (
     "95th-percentile symmetric Hausdorff distance in mm: max of the two directed 95th percentiles "
@@ -39,10 +41,12 @@ def region_masks(label: np.ndarray, regions: dict[str, Sequence[int]]) -> dict[s
 
 
 def dice(prediction: np.ndarray, truth: np.ndarray) -> float:
-    """Dice similarity coefficient 2|P∩T| / (|P| + |T|) of two boolean masks.
+    """Dice similarity coefficient 2|P∩T| / (|P| + |T|) of two boolean masks, by MONAI's ``compute_dice``.
 
-    An empty prediction with a non-empty truth scores 0.0. Both empty scores 1.0; callers that
-    must not reward an empty truth (``case_metrics``/``aggregate``) record it and leave it out.
+    An empty prediction with a non-empty truth scores 0.0. Both empty scores 1.0 (MONAI's
+    ``ignore_empty=False``); callers that must not reward an empty truth (``case_metrics``/``aggregate``)
+    record it and leave it out. MONAI computes in float32, so the value is the exact ratio rounded to
+    float32 (within 3e-8).
 
     Args:
         prediction: boolean mask P, shape (H, W, D).
@@ -52,22 +56,22 @@ def dice(prediction: np.ndarray, truth: np.ndarray) -> float:
         Dice in [0, 1].
     """
     prediction, truth = _as_masks(prediction, truth)
-    total = np.count_nonzero(prediction) + np.count_nonzero(truth)
-    if total == 0:
-        return 1.0
-    return 2.0 * np.count_nonzero(prediction & truth) / total
+    # one foreground channel of a batch of one: (B=1, C=1, H, W, D), kept by include_background
+    value = compute_dice(_batch(prediction), _batch(truth), include_background=True, ignore_empty=False)
+    return float(value[0, 0])
 
 
 def hd95_mm(prediction: np.ndarray, truth: np.ndarray, spacing: Sequence[float]) -> float:
     """95th-percentile symmetric Hausdorff distance in mm between the surfaces of two boolean masks.
 
-    The definition of MONAI's ``compute_hausdorff_distance(percentile=95, directed=False)``: the
-    surface of a mask is its voxels with a 6-connected background neighbour (outside the volume
-    counts as background, i.e. ``mask ^ binary_erosion(mask)``); for each surface voxel of one mask
-    the Euclidean distance in mm (anisotropic ``spacing``) to the nearest surface voxel of the other
-    mask is taken, from ``scipy.ndimage.distance_transform_edt`` of the other surface's complement;
-    the result is the larger of the two directed 95th percentiles (linear interpolation, as
-    ``torch.quantile``). Agrees with MONAI on non-empty masks up to MONAI's float32 rounding.
+    MONAI's ``get_edge_surface_distance`` gives the surfaces (mask voxels with a 6-connected background
+    neighbour, outside the volume counting as background) and, for each surface voxel of one mask, the
+    Euclidean distance in mm (anisotropic ``spacing``) to the nearest surface voxel of the other; the
+    result is the larger of the two directed 95th percentiles with linear interpolation: the definition
+    of MONAI's ``compute_hausdorff_distance(percentile=95, directed=False)``. The percentile is taken in
+    float64 here because ``compute_hausdorff_distance`` takes it with ``torch.quantile`` in float32,
+    whose float32 rank and interpolation move the value by up to ~2e-5 of it (1e-4 mm at 6 mm); the
+    distances themselves are MONAI's, rounded to float32.
 
     Unlike MONAI (NaN), exactly one empty mask gives the volume diagonal
     ``sqrt(sum((shape_i * spacing_i) ** 2))``, the worst possible distance, so that predicting
@@ -90,23 +94,10 @@ def hd95_mm(prediction: np.ndarray, truth: np.ndarray, spacing: Sequence[float])
         return 0.0
     if not has_prediction or not has_truth:
         return math.sqrt(sum((n * s) ** 2 for n, s in zip(prediction.shape, spacing)))
-
-    # Distances are translation invariant and every surface voxel lies in the union's bounding box,
-    # so cropping to it only saves time; erosion's border_value=0 still treats the cut as background,
-    # which is right because the box's outside holds no mask voxels.
-    box = ndimage.find_objects((prediction | truth).astype(np.uint8))[0]
-    prediction, truth = prediction[box], truth[box]
-    surface_prediction = prediction ^ ndimage.binary_erosion(prediction)
-    surface_truth = truth ^ ndimage.binary_erosion(truth)
-    # One EDT per surface: distance from every voxel to the nearest voxel of that surface.
-    to_truth = ndimage.distance_transform_edt(~surface_truth, sampling=spacing)
-    to_prediction = ndimage.distance_transform_edt(~surface_prediction, sampling=spacing)
-    return float(
-        max(
-            np.percentile(to_truth[surface_prediction], 95),
-            np.percentile(to_prediction[surface_truth], 95),
-        )
+    _, directed_distances, _ = get_edge_surface_distance(
+        torch.as_tensor(prediction), torch.as_tensor(truth), distance_metric="euclidean", spacing=spacing, symmetric=True
     )
+    return float(max(np.percentile(distances.double().numpy(), 95) for distances in directed_distances))
 
 
 def case_metrics(
@@ -197,6 +188,11 @@ def _as_masks(prediction: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np
     if prediction.shape != truth.shape:
         raise ValueError(f"prediction and truth shapes differ: {prediction.shape} vs {truth.shape}.")
     return prediction, truth
+
+
+def _batch(mask: np.ndarray) -> torch.Tensor:
+    """(H, W, D) boolean mask -> (1, 1, H, W, D) tensor, MONAI's one-hot batch of one foreground channel."""
+    return torch.as_tensor(mask)[None, None]
 
 
 def _mean(values: list[float]) -> float | None:

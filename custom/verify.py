@@ -1,7 +1,7 @@
 """
 ``voxshield verify``: an independent check of a protected dataset against its source.
 
-It reads the manifest and the two folders' files with numpy, nibabel and gzip, and shares no code with
+It reads the manifest and the two folders' files with numpy, scipy, nibabel and gzip, and shares no code with
 protect beyond the generic sha256 helper of custom.nifti_io, so a bug in protect cannot vouch for itself. Checks:
 
 - the manifest exists and parses; every file it lists exists in the protected copy with the recorded
@@ -9,8 +9,8 @@ protect beyond the generic sha256 helper of custom.nifti_io, so a bug in protect
 - every file of the source (except hidden top-level entries, which protect skips) is in the copy;
 - labels, unprotected case images and every non-case file are byte-identical to the source's;
 - each protected image keeps the source's header bytes (everything before vox_offset), dtype, shape
-  and affine, and its stored values outside the ROI (label == 0, or beyond the manifest's
-  roi_dilation) are identical;
+  and affine, and its stored values outside the method's support (label == 0 dilated by the manifest's
+  roi_dilation and UMed's contour_width; none when mask_roi is off) are identical;
 - per channel, |protected - source| in source units is within the case's bound_source_units, that
   bound is eps x the channel's normalisation scale recomputed from the source (CT window width, or the
   MRI percentile range of its non-zero voxels), and the recorded max |delta| is the measured one.
@@ -24,6 +24,7 @@ prints one line per failed check, ``voxshield: verify: FAILED <file>: <problem>`
 from __future__ import annotations
 
 import argparse
+import filecmp
 import gzip
 import json
 import math
@@ -32,6 +33,7 @@ from pathlib import Path, PurePosixPath
 
 import nibabel as nib
 import numpy as np
+from scipy import ndimage
 
 from custom.nifti_io import sha256
 
@@ -41,18 +43,7 @@ MANIFEST = "voxshield_manifest.json"
 MANIFEST_FORMAT = "voxshield-manifest/"
 
 
-def same_bytes(first: Path, second: Path) -> bool:
-    if first.stat().st_size != second.stat().st_size:
-        return False
-    with open(first, "rb") as one, open(second, "rb") as two:
-        while True:
-            block = one.read(1 << 20)
-            if block != two.read(1 << 20):
-                return False
-            if not block:
-                return True
-
-
+# Restates custom.nifti_io's _header_prefix on purpose: the checker must not reuse the writer it checks.
 def header_bytes(path: Path, offset: int) -> bytes:
     """The (decompressed) bytes before the voxel data: header, extensions, padding."""
     opener = gzip.open if path.name.endswith(".gz") else open
@@ -70,18 +61,39 @@ def safe_name(name: str) -> bool:
     return bool(parts) and not PurePosixPath(name).is_absolute() and ".." not in parts and "\\" not in name
 
 
+# scipy rather than custom.perturbation.dilate (torch), the code that made the ROI: the checker must not reuse it.
 def dilate(mask: np.ndarray, radius: int) -> np.ndarray:
-    """Cube dilation (side 2r+1) of a 3D boolean mask: the ROI rule for roi_dilation > 0."""
+    """Dilation of a boolean mask's last three axes by a cube of side ``2 * radius + 1``: the ROI rule for
+    roi_dilation > 0 (outside the volume counts as background).
+
+    Args:
+        mask: boolean array, shape (..., H, W, D); leading axes are not dilated across.
+        radius: half-width of the cube in voxels; 0 returns ``mask`` itself.
+
+    Returns:
+        boolean array of ``mask``'s shape.
+    """
     if radius <= 0:
         return mask
-    padded = np.pad(mask, radius)
-    out = np.zeros_like(mask)
-    size = 2 * radius + 1
-    for dx in range(size):
-        for dy in range(size):
-            for dz in range(size):
-                out |= padded[dx : dx + mask.shape[0], dy : dy + mask.shape[1], dz : dz + mask.shape[2]]
-    return out
+    cube = np.ones((1,) * (mask.ndim - 3) + (2 * radius + 1,) * 3, dtype=bool)
+    return ndimage.binary_dilation(mask, structure=cube)
+
+
+def support(label: np.ndarray, parameters: dict) -> np.ndarray:
+    """The voxels a protection may change, from the manifest's parameters: the label foreground dilated
+    by ``roi_dilation`` and by UMed's ``contour_width`` band (cube dilations add up), or every voxel
+    when ``mask_roi`` is off.
+
+    Args:
+        label: label map, shape (H, W, D); 0 is background.
+        parameters: the manifest's ``parameters``.
+
+    Returns:
+        boolean array of ``label``'s shape.
+    """
+    if not parameters.get("mask_roi", True):
+        return np.ones(label.shape, dtype=bool)
+    return dilate(label != 0, int(parameters.get("roi_dilation", 0)) + int(parameters.get("contour_width", 0)))
 
 
 class Verifier:
@@ -158,7 +170,7 @@ class Verifier:
         return usable
 
     def _check_identical(self, name: str, what: str) -> None:
-        if not same_bytes(self.protected / name, self.source / name):
+        if not filecmp.cmp(self.protected / name, self.source / name, shallow=False):
             self.fail(self.protected / name, f"{what} differs from the source (must be a byte-identical copy)")
 
     # ---- one protected case ---------------------------------------------------------------------
@@ -177,7 +189,7 @@ class Verifier:
         label_path = self.source / record["label"]
         label_image = nib.load(label_path)
         label = np.asanyarray(label_image.dataobj)  # scaled as stored; background is 0 either way
-        roi = dilate(label != 0, int(manifest.get("parameters", {}).get("roi_dilation", 0)))
+        roi = support(label, manifest.get("parameters", {}))
         eps = manifest.get("eps_normalised", manifest.get("parameters", {}).get("eps"))
         bounds = np.asarray(record.get("bound_source_units", []), dtype=np.float64)
         recorded_max = np.asarray(record.get("max_abs_delta_source_units", []), dtype=np.float64)

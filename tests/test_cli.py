@@ -2,6 +2,7 @@
 every command, the wiring to the bundles' workflows, protect giving exactly what `python -m monai.bundle
 run protect` gives, and verify catching each kind of damage to a protected copy by name."""
 
+import filecmp
 import gzip
 import json
 import re
@@ -18,7 +19,7 @@ from conftest import REPO_ROOT, run_bundle
 from test_protect import msd_4d_scaled
 from custom import cli
 from custom.demo import make_demo_dataset
-from custom.verify import verify_copy
+from custom.verify import dilate, verify_copy
 
 COMMANDS = ["protect", "train", "evaluate", "report", "verify", "export"]
 IMAGE = "TrainingImg/train_001_0000.nii.gz"
@@ -192,7 +193,7 @@ def test_cli_protect_equals_python_m_monai_bundle_run(protected, tmp_path, monke
     assert ours == theirs  # every file's sha256, every per-case figure, the parameters
     for record in ours["cases"]:
         for name in record["images"]:
-            assert (output / name).read_bytes() == (tmp_path / "reference" / name).read_bytes()
+            assert filecmp.cmp(output / name, tmp_path / "reference" / name, shallow=False)
 
 
 def test_verify_accepts_the_protected_copy(protected, capsys):
@@ -348,3 +349,36 @@ def test_verify_multichannel_and_dilated_roi(layout, roi_dilation, tmp_path, ran
     failures, _ = verify_copy(data, output)
     assert bool(failures) == bool(roi_dilation)
     assert all("outside the ROI (label == 0) changed" in line for line in failures)
+
+
+@pytest.mark.parametrize("method", ["umed", "random_everywhere"])
+def test_verify_follows_the_methods_support(method, tmp_path, single_thread):
+    from monai.losses import DiceCELoss
+    from monai.networks.nets import UNet
+
+    from custom.data import open_dataset
+    from custom.perturbation import ROIBoundedPerturbation
+    from custom.protect import DatasetProtector
+    from custom.protectors import RandomNoise, UMed
+
+    data = make_demo_dataset(tmp_path / "data", "flare", num_cases=2, shape=(32, 32, 16))
+    output, checkpoint = tmp_path / "out", None
+    if method == "umed":  # noise on the label and on its contour band outside it
+        surrogate = UNet(3, 1, 5, channels=(4, 8, 16), strides=(2, 2), num_res_units=0)
+        checkpoint = tmp_path / "surrogate.pt"
+        torch.save(surrogate.state_dict(), checkpoint)
+        (tmp_path / "training_config.json").write_text(json.dumps({"method": "umed"}))
+        protection = UMed(ROIBoundedPerturbation(), surrogate, segmentation_loss=DiceCELoss(to_onehot_y=True, softmax=True),
+                          steps=1, divisible=4)
+    else:  # noise on every voxel
+        protection = RandomNoise(ROIBoundedPerturbation(mask_roi=False))
+    DatasetProtector(open_dataset(data), output, protection, checkpoint).run()
+    label = label_of(data)
+    changed = nib.load(output / IMAGE).get_fdata() != nib.load(data / IMAGE).get_fdata()
+    assert changed[label == 0].any()  # the method changed voxels outside the label, as it may
+    assert verify_copy(data, output) == ([], 2)
+    if method == "umed":  # a voxel 3 voxels from the label lies beyond the 1-voxel band: verify still guards it
+        far = np.argwhere((label == 0) & ~dilate(label > 0, 2))[0]
+        rewrite_voxels(output / IMAGE, lambda values: values.__setitem__(tuple(far), values[tuple(far)] + 1))
+        failures, _ = verify_copy(data, output)
+        assert any("1 stored voxel(s) outside the ROI (label == 0) changed" in line for line in failures)

@@ -1,6 +1,7 @@
 """protect's guarantees, checked on the files it writes: bound in the written dtype, untouched labels,
 outside-ROI voxels and headers, manifest, atomic and resumable output, refusal to clobber."""
 
+import filecmp
 import json
 from pathlib import Path
 import math
@@ -15,10 +16,11 @@ from monai.inferers import SlidingWindowInferer
 
 from checks import assert_protected_copy
 from conftest import EPS, generator_net
-from custom.data import open_dataset
+from custom.data import LoadCased, load_case, normalise, open_dataset
 from custom.nifti_io import VoxShieldInputError
 from custom.perturbation import ROIBoundedPerturbation
 from custom.protect import DatasetProtector, bounded_stored_values
+from custom.verify import verify_copy
 from custom.voxshield import VoxShield
 
 
@@ -100,6 +102,20 @@ def test_protect_brats_float32_mri(brats_data, tmp_path, random_checkpoints):
     manifest = assert_protected_copy(brats_data, output, EPS, ct=False)
     assert len(manifest["cases"]) == 2 and all(len(case["images"]) == 4 for case in manifest["cases"])
     assert nib.load(output / manifest["cases"][0]["images"][0]).get_data_dtype() == np.float32
+
+
+def test_training_loader_gives_class_indices_and_protect_intensities(brats_data):
+    spec = open_dataset(brats_data)
+    case = spec.cases[0]
+    item = LoadCased(spec)({"case_id": case.case_id})
+    label = np.asanyarray(nib.load(brats_data / case.label).dataobj)
+    assert set(np.unique(label)) == {0, 1, 2, 4}
+    # BraTS values 0, 1, 2, 4 become the class indices 0, 1, 2, 3
+    expected = np.select([label == 1, label == 2, label == 4], [1, 2, 3], 0)
+    assert item["label"].shape == (1, *label.shape) and item["label"].dtype == np.float32
+    np.testing.assert_array_equal(item["label"][0], expected)
+    loaded = load_case(spec, case)
+    np.testing.assert_array_equal(item["image"], normalise(loaded.image, loaded.offsets, loaded.scales))
 
 
 def msd_4d_scaled(root: Path) -> Path:
@@ -202,7 +218,7 @@ def test_empty_label_fails_or_is_copied_on_request(flare_data, tmp_path, random_
     record = {case["case_id"]: case for case in manifest["cases"]}["train_001"]
     assert record["protected"] is False
     image = "TrainingImg/train_001_0000.nii.gz"
-    assert (output / image).read_bytes() == (flare_data / image).read_bytes()
+    assert filecmp.cmp(output / image, flare_data / image, shallow=False)
     assert_protected_copy(flare_data, output, EPS, ct=True)
 
 
@@ -236,7 +252,8 @@ def test_nnunet_v2_layout_with_unlabelled_test_images(tmp_path):
     output = tmp_path / "out"
     manifest = protector(root, output, tmp_path / "g2.pt", 2).run()
     assert "imagesTs/demo_009_0000.nii.gz" in manifest["copied_files"]
-    # CT channel: bound is eps * the HU window width; MRI channel: percentile scale (checked in checks.py).
+    # verify recomputes each channel's bound: eps * the HU window width (CT), eps * the percentile range (MRI)
+    assert verify_copy(root, output) == ([], len(manifest["cases"]))
     for record in manifest["cases"]:
         assert record["bound_source_units"][0] == pytest.approx(EPS * 425.0)
         for name in record["images"]:

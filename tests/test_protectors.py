@@ -27,6 +27,7 @@ from custom.protectors import (
 from custom.voxshield import VoxShield
 from custom.nifti_io import VoxShieldInputError
 from custom.trainer import ProtectorTrainer
+from custom.verify import dilate
 
 EPS = 4 / 255
 PAD = (0, 0, 0, 2)  # volume()'s default shape padded to a multiple of the tiny UNet's stride product
@@ -65,12 +66,6 @@ def make(method, seed=0, **options):
         return SURROGATE_METHODS[method](perturbation, surrogate, optimizer, seg_loss(), steps=5, divisible=4,
                                          seed=seed, **options)
     return METHODS[method](perturbation, seed=seed, **options)
-
-
-def dilate(mask, radius):
-    """Dilation of the last three axes by a cube of half-width ``radius``."""
-    cube = np.ones((1,) * (mask.ndim - 3) + (3, 3, 3), bool)
-    return ndimage.binary_dilation(mask, cube, iterations=radius) if radius else mask
 
 
 @pytest.mark.parametrize("method", list(METHODS))
@@ -199,10 +194,29 @@ def test_umed_budget_follows_contour_and_texture():
 def test_error_minimising_fit_step_trains_the_surrogate_on_noisy_data(method):
     image, label = volume(shape=(16, 16, 16))
     protector = make(method, train_steps=2)
+    # The noise this step must train on: the same 2-step PGD against a copy of the surrogate before the step.
+    twin = copy.deepcopy(protector)
+    twin.surrogate.eval()
+    if method == "pue":
+        twin.sigma = 0.0  # the first fit step's weight noise: the start of its ramp
+    delta = twin.craft(image, label, 2)
+    assert delta.abs().max() > 0
+    expected = image + delta
+    if method == "sep":  # SEP's surrogate also sees uniform noise of random_radius over the whole volume
+        expected = twin._noisy(expected, twin.random_generator(image))
+    seen = []
+    record = protector.surrogate.register_forward_hook(
+        lambda module, inputs, output: seen.append(inputs[0].detach().clone()) if module.training else None
+    )
     before = copy.deepcopy(protector.surrogate)
     output = protector.fit_step(image, label)
+    record.remove()
     assert np.isfinite(output["loss"])
     assert any(not torch.equal(a, b) for a, b in zip(before.parameters(), protector.surrogate.parameters()))
+    assert seen, "the surrogate never ran in training mode"
+    for inputs in seen:  # PUE: one per weight draw
+        assert not torch.equal(inputs, image), "the surrogate was trained on the clean volume"
+        torch.testing.assert_close(inputs, expected)
 
 
 def test_tap_fit_step_is_a_plain_clean_training_step():

@@ -2,7 +2,7 @@
 the repository (offline) and verify_net_in_out for the generator; `voxshield export` writes a zip that
 unpacks to a self-contained bundle, which protects a dataset with the repository out of reach."""
 
-import gzip
+import filecmp
 import json
 import os
 import re
@@ -12,7 +12,6 @@ import tomllib
 import zipfile
 from pathlib import Path
 
-import nibabel as nib
 import pytest
 import torch
 import yaml
@@ -23,6 +22,7 @@ from custom import cli
 from custom.bundle_utils import config_files
 from custom.demo import make_demo_dataset
 from custom.nifti_io import VoxShieldInputError
+from custom.verify import verify_copy
 from custom.zoo import export_bundle
 
 SCHEMA = REPO_ROOT / "schemas" / "monai_bundle_metadata.schema.json"
@@ -136,11 +136,6 @@ def trained(tmp_path_factory):
     return data, root / "ckpt"
 
 
-def header(path: Path) -> bytes:
-    with gzip.open(path, "rb") as stream:
-        return stream.read(int(nib.load(path).dataobj.offset))
-
-
 def test_export_runs_outside_the_repository(trained, tmp_path):
     data, ckpt = trained
     archive = tmp_path / "zoo" / "voxshield_flare.zip"
@@ -156,7 +151,7 @@ def test_export_runs_outside_the_repository(trained, tmp_path):
     unpacked = tmp_path / "unpacked"
     zipfile.ZipFile(archive).extractall(unpacked)
     bundle = unpacked / "voxshield_flare"
-    assert (bundle / "models" / "generator.pt").read_bytes() == (ckpt / "generator.pt").read_bytes()
+    assert filecmp.cmp(bundle / "models" / "generator.pt", ckpt / "generator.pt", shallow=False)
     large = yaml.safe_load((bundle / "large_files.yml").read_text())["large_files"]
     assert [(item["path"], item["hash_type"]) for item in large] == [("models/generator.pt", "sha256")]
     digest = large[0]["hash_val"]
@@ -174,11 +169,10 @@ def test_export_runs_outside_the_repository(trained, tmp_path):
     manifest = json.loads((output / "voxshield_manifest.json").read_text())
     assert manifest["fitted"]["sha256"] == digest
     assert manifest["fitted"]["training"]["epochs"] == 1  # models/training_config.json travelled too
-    assert len(manifest["cases"]) == 3
+    assert verify_copy(data, output) == ([], 3)  # header bytes, support and bound included
     for record in manifest["cases"]:
         for name in record["images"]:
-            assert header(output / name) == header(data / name)
-            assert (output / name).read_bytes() != (data / name).read_bytes()  # protected, not copied
+            assert not filecmp.cmp(output / name, data / name, shallow=False)  # protected, not copied
     assert str(REPO_ROOT) not in result.stdout + result.stderr
 
     # a damaged weight file is caught by the hash in large_files.yml
@@ -194,7 +188,7 @@ def test_export_is_deterministic_and_refuses_to_clobber(trained, tmp_path):
     second = export_bundle(folder, "voxshield_flare", ckpt, tmp_path / "b.zip", url="https://example.org/generator.pt")
     assert first.read_bytes() != second.read_bytes()  # the url differs
     again = export_bundle(folder, "voxshield_flare", ckpt, tmp_path / "a.zip", overwrite=True)
-    assert again.read_bytes() == export_bundle(folder, "voxshield_flare", ckpt, tmp_path / "c.zip").read_bytes()
+    assert filecmp.cmp(again, export_bundle(folder, "voxshield_flare", ckpt, tmp_path / "c.zip"), shallow=False)
     assert 'url: "https://example.org/generator.pt"' in zipfile.ZipFile(second).read("voxshield_flare/large_files.yml").decode()
     with pytest.raises(VoxShieldInputError, match="exists; pass --overwrite true"):
         export_bundle(folder, "voxshield_flare", ckpt, tmp_path / "a.zip")
