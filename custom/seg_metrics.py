@@ -17,14 +17,6 @@ import torch
 from monai.metrics import compute_dice
 from monai.metrics.utils import get_edge_surface_distance
 
-HD95_DESCRIPTION = (
-    "95th-percentile symmetric Hausdorff distance in mm: max of the two directed 95th percentiles "
-    "(linear interpolation) of the distances from each surface voxel of one mask to the nearest surface "
-    "voxel of the other; surface = mask voxels with a 6-connected background neighbour (outside the "
-    "volume counts as background); Euclidean distances with the voxel spacing. 0 when both masks are "
-    "empty, the volume diagonal in mm when exactly one is"
-)
-
 
 def region_masks(label: np.ndarray, regions: dict[str, Sequence[int]]) -> dict[str, np.ndarray]:
     """Boolean mask per named region: the voxels whose label is one of that region's values.
