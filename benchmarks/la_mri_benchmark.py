@@ -21,7 +21,9 @@ once per seed, to measure how much a single run's score varies.
 Every step is the bundle command a user would run. Result files, tables, figures and
 ``benchmark.json`` (each command with its wall time and exit code, hardware, versions) go to
 ``--results_dir`` (default benchmarks/results/la_mri); checkpoints and protected volumes go to
-``--work_dir`` (default a folder under /tmp), never into the repository. With --resume, a step
+``--work_dir`` (default a folder under /tmp), never into the repository; the record and the result
+files name paths relative to the repository (../shared/data/la_mri) and the interpreter ``python``
+(normalise_paths, which also rewrote the files committed before). With --resume, a step
 whose output already exists (a protected copy with its manifest, a results.json) is skipped and
 listed as reused, so a grid can be split over several invocations.
 
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import subprocess
 import sys
@@ -78,17 +81,111 @@ def bundle(run_id: str, *args: str) -> list[str]:
     return [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", repr(configs), *args]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+# ---- paths in committed files ---------------------------------------------------------------------
+def local_replacements() -> dict[str, str]:
+    """This machine's absolute paths and what committed files name them: the repository root ".", the
+    folder holding it ".." (so the data reads ../shared/data/la_mri), the Python interpreter "python"."""
+    return {str(REPO_ROOT): ".", str(REPO_ROOT.parent): "..", sys.executable: "python"}
+
+
+def relative_text(text: str, replacements: dict[str, str]) -> str:
+    """
+    ``text`` with every absolute path that starts with a key of ``replacements`` rewritten to start
+    with its value instead ("." is dropped before the rest of a path: /repo/benchmarks -> benchmarks).
+
+    Args:
+        text: any text, e.g. a JSON document or a shell command.
+        replacements: absolute path -> its replacement; a longer path is tried before a shorter one,
+            and only whole path components match (/work does not match /workspace or /tmp/work).
+    """
+    for prefix in sorted(replacements, key=len, reverse=True):
+        replacement = replacements[prefix]
+        start = r"(?<![\w./-])" + re.escape(prefix.rstrip("/"))
+        text = re.sub(start + "/", "" if replacement == "." else replacement.rstrip("/") + "/", text)
+        text = re.sub(start + r"(?![\w.-])", replacement, text)
+    return text
+
+
+def normalise_paths(folder: Path, replacements: dict[str, str]) -> list[Path]:
+    """
+    Rewrite the absolute paths in the JSON and Markdown files under ``folder`` (see relative_text);
+    numbers and everything else stay as written, and a JSON file must still parse afterwards.
+
+    Returns:
+        the files that changed.
+    """
+    changed = []
+    for path in sorted([*folder.rglob("*.json"), *folder.rglob("*.md")]):
+        text = path.read_text()
+        rewritten = relative_text(text, replacements)
+        if rewritten != text:
+            if path.suffix == ".json":
+                json.loads(rewritten)
+            path.write_text(rewritten)
+            changed.append(path)
+    return changed
+
+
+# ---- steps ------------------------------------------------------------------------------------------
+class Steps:
+    """
+    The steps of one benchmark invocation, each a command run from the repository root, and its record
+    ``RESULTS/RECORD``: every command with its wall time and exit code (or the output it reused), the
+    options, hardware, versions and total wall time, rewritten after every step. The record and every
+    JSON or Markdown file under RESULTS name paths relative to the repository (see local_replacements).
+
+    Args:
+        results: the results folder (created).
+        record: file name of the record in ``results``.
+        data: the dataset the steps run on.
+        options: the invocation's parsed options, recorded as given.
+        resume: skip a step whose output already exists (it is listed as reused).
+    """
+
+    def __init__(self, results: Path, record: str, data: Path, options: argparse.Namespace, resume: bool) -> None:
+        self.results, self.record, self.data, self.options, self.resume = results, record, data, options, resume
+        self.steps: list[dict] = []
+        self.started = time.perf_counter()
+        results.mkdir(parents=True, exist_ok=True)
+
+    def run(self, name: str, command: list[str], output: Path | None = None) -> None:
+        """Run ``command`` (or reuse ``output`` under --resume); exits the benchmark when it fails."""
+        if self.resume and output is not None and output.exists():
+            self.steps.append({"step": name, "command": shlex.join(command), "reused": str(output)})
+            return
+        print(f"== {name}: {shlex.join(command)}", flush=True)
+        start = time.perf_counter()
+        completed = subprocess.run(command, cwd=REPO_ROOT)
+        self.steps.append({"step": name, "command": shlex.join(command), "exit_code": completed.returncode,
+                           "wall_time_s": round(time.perf_counter() - start, 1)})
+        self.write()
+        if completed.returncode:
+            sys.exit(f"{name} failed with exit code {completed.returncode}")
+
+    def skip(self, name: str, reason: str) -> None:
+        """List a step that the benchmark decided not to run, with the reason."""
+        self.steps.append({"step": name, "skipped": reason})
+
+    def summary(self) -> dict:
+        """The record as it stands (paths as given; write makes them relative)."""
+        return {"data": str(self.data), "options": vars(self.options), "steps": self.steps, "hardware": hardware(),
+                "software": software_versions(), "total_wall_time_s": round(time.perf_counter() - self.started, 1)}
+
+    def write(self) -> None:
+        """Write the record, then make the paths of every result file relative."""
+        (self.results / self.record).write_text(json.dumps(self.summary(), indent=1))
+        normalise_paths(self.results, local_replacements())
+
+
+def add_protocol_arguments(parser: argparse.ArgumentParser, record: str) -> None:
+    """The options every la_mri benchmark shares: where things are, fitting and victim lengths, resuming,
+    and the record's file name (default ``record``)."""
     parser.add_argument("--data", default=str(DATA))
     parser.add_argument("--results_dir", default=str(REPO_ROOT / "benchmarks" / "results" / "la_mri"))
     parser.add_argument("--work_dir", default="/tmp/voxshield_la_mri_benchmark")
     parser.add_argument("--generator_epochs", type=int, default=10, help="VoxShield fitting epochs")
     parser.add_argument("--baseline_epochs", type=int, default=5, help="surrogate fitting epochs of the baselines")
     parser.add_argument("--victim_epochs", type=int, default=15)
-    parser.add_argument("--runs", default=",".join(PROTOCOL),
-                        help="comma-separated, from " + ",".join(RUNS) + '; "" trains the clean victims only')
-    parser.add_argument("--victims", default="unet", help="comma-separated victims (evaluate.json --victim)")
     parser.add_argument("--victim_seeds", default="0",
                         help="comma-separated victim seeds; each victim is trained once per seed (the tables average them)")
     parser.add_argument("--generator_args", default="",
@@ -96,79 +193,121 @@ def main() -> None:
     parser.add_argument("--baseline_args", default=BASELINE_SURROGATE,
                         help="extra overrides of training and protect for the baselines; by default a lighter "
                              "surrogate (16..256 channels, 1 residual unit) to fit the CPU budget")
-    parser.add_argument("--skip_clean", action="store_true", help="no clean victim (an earlier result is kept)")
+    parser.add_argument("--victim_args", default="",
+                        help="extra overrides of every victim's evaluate run (e.g. a smaller --patch_size on tiny data)")
     parser.add_argument("--resume", action="store_true", help="skip steps whose outputs exist")
-    parser.add_argument("--record", default="benchmark.json", help="file name, in --results_dir, of this invocation's record")
+    parser.add_argument("--skip_clean", action="store_true", help="no clean victim (an earlier result is kept)")
+    parser.add_argument("--record", default=record, help="file name, in --results_dir, of this invocation's record")
+
+
+def start(options: argparse.Namespace) -> Steps:
+    """The steps of an invocation with the options of add_protocol_arguments, once --data is found."""
+    data = Path(options.data)
+    if not (data / "dataset.json").is_file():
+        sys.exit(f"{data}: la_mri not found (it lives in ../shared/data beside the repository).")
+    return Steps(Path(options.results_dir), options.record, data, options, options.resume)
+
+
+def protect_run(steps: Steps, options: argparse.Namespace, run: str, method: str, training_only: list[str],
+                perturbation: list[str]) -> Path:
+    """
+    Fit ``method`` on the training cases of --data and protect them (skipped under --resume when the
+    copy's manifest exists).
+
+    Args:
+        steps: the invocation's steps.
+        options: the parsed options of add_protocol_arguments.
+        run: the run's name: its folder in --work_dir (RUN/ckpt, RUN/logs, RUN/protected).
+        method: the protection method (``--method``).
+        training_only: overrides of training alone.
+        perturbation: overrides of training and protect alike (e.g. ``--eps``, ``--mask_roi``).
+
+    Returns:
+        the protected copy's folder.
+    """
+    data, work = Path(options.data), Path(options.work_dir)
+    ckpt, protected = work / run / "ckpt", work / run / "protected"
+    if method == "voxshield":
+        epochs, shared = options.generator_epochs, []
+        training_only = [*shlex.split(options.generator_args), *training_only]
+    else:
+        epochs, shared = options.baseline_epochs, shlex.split(options.baseline_args)
+    shared = [*shared, "--method", method, *perturbation]
+    done = protected / "voxshield_manifest.json"
+    if not (options.resume and done.exists()):
+        steps.run(f"fit {run}", bundle(
+            "training", "--dataset_dir", str(data), "--lists", "['training']", "--ckpt_dir", str(ckpt),
+            "--log_dir", str(work / run / "logs"), "--epochs", str(epochs), *shared, *training_only))
+    steps.run(f"protect {run}", bundle(
+        "protect", "--dataset_dir", str(data), "--lists", "['training']", "--ckpt_dir", str(ckpt),
+        "--output_dir", str(protected), "--overwrite", "true", *shared), done)
+    return protected
+
+
+def victim_results(results: Path, run: str, victim: str, seed: int) -> Path:
+    """The result folder of ``victim`` (seed ``seed``) trained on run ``run``: RUN, RUN_VICTIM for
+    another victim than the UNet, with _seedN for another seed than 0."""
+    folder = run if victim == "unet" else f"{run}_{victim}"
+    return results / (folder if seed == 0 else f"{folder}_seed{seed}")
+
+
+def victim_run(steps: Steps, options: argparse.Namespace, run: str, method: str, train_dir: Path, victim: str,
+               seed: int) -> Path:
+    """
+    Train ``victim`` (evaluate.json's recipe for --victim_epochs, seed ``seed``, with --victim_args) on
+    ``train_dir`` and score it on the clean test cases of --data (skipped under --resume when its
+    results.json exists).
+
+    Returns:
+        the results.json.
+    """
+    output = victim_results(Path(options.results_dir), run, victim, seed)
+    steps.run(f"{victim} victim (seed {seed}) on {run}", bundle(
+        "evaluate", "--train_dir", str(train_dir), "--test_dir", str(options.data), "--epochs",
+        str(options.victim_epochs), "--victim", victim, "--seed", str(seed), "--method", method,
+        "--output_dir", str(output), *shlex.split(options.victim_args)), output / "results.json")
+    return output / "results.json"
+
+
+def report_run(steps: Steps, options: argparse.Namespace, runs: list[str]) -> None:
+    """The report over every result in --results_dir, with the figures of the first protected copy
+    (``full`` first) found in --work_dir among ``runs``."""
+    results, work = Path(options.results_dir), Path(options.work_dir)
+    figure_runs = [run for run in ["full", *runs] if (work / run / "protected").is_dir()]
+    figures = ["--clean_dir", str(options.data), "--protected_dir", str(work / figure_runs[0] / "protected")] \
+        if figure_runs else []
+    steps.run("report", bundle("report", "--results", repr([str(results)]), "--output_dir", str(results), *figures))
+
+
+def seeds(options: argparse.Namespace) -> list[int]:
+    """The victim seeds of --victim_seeds."""
+    return [int(seed) for seed in options.victim_seeds.split(",")]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_protocol_arguments(parser, record="benchmark.json")
+    parser.add_argument("--runs", default=",".join(PROTOCOL),
+                        help="comma-separated, from " + ",".join(RUNS) + '; "" trains the clean victims only')
+    parser.add_argument("--victims", default="unet", help="comma-separated victims (evaluate.json --victim)")
     options = parser.parse_args()
     runs = [run for run in options.runs.split(",") if run]  # --runs "": the clean victims alone
     unknown = [run for run in runs if run not in RUNS]
     if unknown:
         parser.error(f"unknown run(s) {', '.join(unknown)}; choose from {', '.join(RUNS)}")
 
-    data, results, work = Path(options.data), Path(options.results_dir), Path(options.work_dir)
-    if not (data / "dataset.json").is_file():
-        sys.exit(f"{data}: la_mri not found (it lives in ../shared/data beside the repository).")
-    results.mkdir(parents=True, exist_ok=True)
-    steps = []
-
-    def step(name: str, command: list[str], output: Path | None = None) -> None:
-        if options.resume and output is not None and output.exists():
-            steps.append({"step": name, "command": shlex.join(command), "reused": str(output)})
-            return
-        print(f"== {name}: {shlex.join(command)}", flush=True)
-        start = time.perf_counter()
-        completed = subprocess.run(command, cwd=REPO_ROOT)
-        steps.append({"step": name, "command": shlex.join(command), "exit_code": completed.returncode,
-                      "wall_time_s": round(time.perf_counter() - start, 1)})
-        (results / options.record).write_text(json.dumps(summary(), indent=1))
-        if completed.returncode:
-            sys.exit(f"{name} failed with exit code {completed.returncode}")
-
-    started = time.perf_counter()
-
-    def summary() -> dict:
-        return {"data": str(data), "options": vars(options), "steps": steps, "hardware": hardware(),
-                "software": software_versions(), "total_wall_time_s": round(time.perf_counter() - started, 1)}
-
-    victim = ["--test_dir", str(data), "--epochs", str(options.victim_epochs)]
-    victims = [(name, int(seed)) for name in options.victims.split(",") for seed in options.victim_seeds.split(",")]
-
-    def results_for(run: str, name: str, seed: int) -> Path:
-        folder = run if name == "unet" else f"{run}_{name}"
-        return results / (folder if seed == 0 else f"{folder}_seed{seed}")
-
-    def victim_step(run: str, method: str, train_dir: Path) -> None:
-        for name, seed in victims:
-            output = results_for(run, name, seed)
-            step(f"{name} victim (seed {seed}) on {run}", bundle(
-                "evaluate", "--train_dir", str(train_dir), *victim, "--victim", name, "--seed", str(seed),
-                "--method", method, "--output_dir", str(output)), output / "results.json")
-
+    steps = start(options)
+    victims = [(name, seed) for name in options.victims.split(",") for seed in seeds(options)]
     if not options.skip_clean:
-        victim_step("clean", "clean", data)
+        for name, seed in victims:
+            victim_run(steps, options, "clean", "clean", steps.data, name, seed)
     for run in runs:
-        ckpt, protected = work / run / "ckpt", work / run / "protected"
         method, training_only, perturbation = RUNS[run]
-        if method == "voxshield":
-            epochs, shared = options.generator_epochs, []
-            training_only = [*shlex.split(options.generator_args), *training_only]
-        else:
-            epochs, shared = options.baseline_epochs, shlex.split(options.baseline_args)
-        shared = [*shared, "--method", method, *perturbation]
-        done = protected / "voxshield_manifest.json"
-        if not (options.resume and done.exists()):
-            step(f"fit {run}", bundle(
-                "training", "--dataset_dir", str(data), "--lists", "['training']", "--ckpt_dir", str(ckpt),
-                "--log_dir", str(work / run / "logs"), "--epochs", str(epochs), *shared, *training_only))
-        step(f"protect {run}", bundle(
-            "protect", "--dataset_dir", str(data), "--lists", "['training']", "--ckpt_dir", str(ckpt),
-            "--output_dir", str(protected), "--overwrite", "true", *shared), done)
-        victim_step(run, method, protected)
-    figure_runs = [run for run in ["full", *runs] if (work / run / "protected").is_dir()]
-    figures = ["--clean_dir", str(data), "--protected_dir", str(work / figure_runs[0] / "protected")] if figure_runs else []
-    step("report", bundle("report", "--results", repr([str(results)]), "--output_dir", str(results),
-                          *figures))
-    print(json.dumps(summary()["steps"], indent=1))
+        protected = protect_run(steps, options, run, method, training_only, perturbation)
+        for name, seed in victims:
+            victim_run(steps, options, run, method, protected, name, seed)
+    report_run(steps, options, runs)
+    print(json.dumps(steps.summary()["steps"], indent=1))
 
 
 if __name__ == "__main__":

@@ -80,12 +80,31 @@ def roi_slices(label: np.ndarray, num_slices: int) -> list[int]:
     return list(range(first, first + num_slices))
 
 
-def _delta_slices(pair: CasePair, num_slices: int, channel: int) -> tuple[list[int], np.ndarray]:
+def _channel_delta(pair: CasePair, channel: int) -> np.ndarray:
+    """(H, W, D) protected - clean of one channel, normalised units."""
     if not 0 <= channel < pair.clean.shape[0]:
         raise ValueError(f"channel {channel} out of range: case {pair.case_id} has {pair.clean.shape[0]} channel(s).")
+    return pair.protected[channel] - pair.clean[channel]
+
+
+def _delta_slices(pair: CasePair, num_slices: int, channel: int) -> tuple[list[int], np.ndarray]:
+    delta = _channel_delta(pair, channel)
     indices = roi_slices(pair.label, num_slices)
-    delta = pair.protected[channel] - pair.clean[channel]
     return indices, np.moveaxis(delta[..., indices], -1, 0)
+
+
+def strongest_slice(delta: np.ndarray, label: np.ndarray) -> int:
+    """
+    The axial (last axis) index whose ROI holds the largest sum of |delta|, so that a perturbation
+    that is zero on some slices (an alternating noise) is shown where it is; roi_slices's centre
+    slice when delta is zero on the whole ROI.
+
+    Args:
+        delta: (H, W, D) perturbation.
+        label: (H, W, D) label map; the ROI is label > 0.
+    """
+    per_slice = (np.abs(delta) * (label > 0)).sum(axis=(0, 1))
+    return int(per_slice.argmax()) if per_slice.any() else roi_slices(label, 1)[0]
 
 
 def perturbation_slices(
@@ -162,9 +181,10 @@ def comparison_figure(
     channel: int = 0, amplification: float = 20,
 ) -> Path:
     """
-    PNG of the ROI-centre axial slice: clean, protected (same grey scale, [0, 1] normalised) and the
-    difference (protected - clean) multiplied by ``amplification`` on a symmetric colour map over the
-    same +-1 range, so it reads against the image's intensity scale.
+    PNG of the axial slice where the perturbation is largest inside the ROI (strongest_slice): clean,
+    protected (same grey scale, [0, 1] normalised) and the difference (protected - clean) multiplied
+    by ``amplification`` on a symmetric colour map over the same +-1 range, so it reads against the
+    image's intensity scale.
 
     Args:
         clean_dir, protected_dir, case_id: see load_pair.
@@ -176,7 +196,8 @@ def comparison_figure(
         the PNG's path.
     """
     pair = load_pair(clean_dir, protected_dir, case_id)
-    (index,), delta = _delta_slices(pair, 1, channel)
+    delta = _channel_delta(pair, channel)
+    index = strongest_slice(delta, pair.label)
     figure = Figure(figsize=(12, 4.5), layout="constrained")
     axes = figure.subplots(1, 3)
     grey = {"cmap": "gray", "vmin": 0.0, "vmax": 1.0}
@@ -185,8 +206,57 @@ def comparison_figure(
     _show(axes[1], pair.protected[channel][..., index], **grey)
     axes[1].set_title(f"protected, slice {index}")
     figure.colorbar(image, ax=axes[:2], label="normalised intensity")
-    difference = _show(axes[2], amplification * delta[0], cmap="RdBu_r", vmin=-1.0, vmax=1.0)
+    difference = _show(axes[2], amplification * delta[..., index], cmap="RdBu_r", vmin=-1.0, vmax=1.0)
     axes[2].set_title(f"difference x{amplification:g} (protected - clean)")
     figure.colorbar(difference, ax=axes[2], label=f"{amplification:g} x (protected - clean)")
     figure.suptitle(f"Case {pair.case_id}, channel {channel}")
+    return _save(figure, output_png)
+
+
+def frontier_figure(rows: list[dict], output_png: str | os.PathLike) -> Path:
+    """
+    PNG of the price of protection: the victim's DSC as % of the clean victim's against the
+    whole-volume PSNR of its training copy, one line per method and support through its budgets
+    (solid: ROI, dotted: whole volume, one colour per method), error bars from the lowest to the
+    highest seed; the floor (random noise in the ROI) in black dashes, 100% (clean) in grey.
+    Points without a PSNR are left out.
+
+    Args:
+        rows: custom.report's frontier rows: ``method``, ``support`` ("ROI" or "whole volume"),
+            ``eps``, ``floor``, ``psnr_db_volume`` and ``dsc_percent_of_clean`` (``mean``, ``min``,
+            ``max``).
+        output_png: the PNG to write.
+
+    Returns:
+        the PNG's path.
+    """
+    lines: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        if row["psnr_db_volume"] is not None:
+            lines.setdefault((row["method"], row["support"]), []).append(row)
+    methods = list(dict.fromkeys(method for method, _ in lines))
+    colours = [f"C{index % 10}" for index in range(len(methods))]
+    figure = Figure(figsize=(8, 5.5), layout="constrained")
+    axis = figure.subplots()
+    axis.axhline(100, color="grey", linewidth=1, label="clean victim (100%)")
+    for (method, support), points in lines.items():
+        points = sorted(points, key=lambda row: row["psnr_db_volume"])
+        dsc = [row["dsc_percent_of_clean"] for row in points]
+        mean = [value["mean"] for value in dsc]
+        spread = [[value["mean"] - value["min"] for value in dsc], [value["max"] - value["mean"] for value in dsc]]
+        if points[0]["floor"]:
+            style = {"color": "black", "linestyle": "--", "linewidth": 2.5, "marker": "x"}
+            label = f"{method} in the ROI (floor)"
+        else:
+            style = {"color": colours[methods.index(method)], "linestyle": "-" if support == "ROI" else ":",
+                     "marker": "o" if support == "ROI" else "s"}
+            label = f"{method}, {support}"
+        axis.errorbar([row["psnr_db_volume"] for row in points], mean, yerr=spread, capsize=3, label=label, **style)
+        for row, value in zip(points, mean):
+            axis.annotate(f"{row['eps'] * 255:.3g}", (row["psnr_db_volume"], value), textcoords="offset points",
+                          xytext=(4, 4), fontsize=7, color=style["color"])
+    axis.set_xlabel("PSNR of the protected copy, whole volume (dB)")
+    axis.set_ylabel("victim DSC (% of the clean victim's)")
+    axis.set_title("Price of protection (labels: eps x 255)")
+    axis.legend(fontsize=8, loc="best")
     return _save(figure, output_png)

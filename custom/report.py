@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from custom.evaluate import RESULTS_NAME
-from custom.figures import comparison_figure, perturbation_figure
+from custom.figures import comparison_figure, frontier_figure, perturbation_figure
 from custom.manifest import fitted_record
 from custom.markdown import markdown_table
 from custom.nifti_io import VoxShieldInputError, write_atomic
@@ -26,12 +26,15 @@ TABLES_NAME = "tables.md"
 REPORT_NAME = "report.json"
 PERTURBATION_FIGURE = "perturbation.png"
 COMPARISON_FIGURE = "comparison.png"
+FRONTIER_FIGURE = "frontier.png"
 MAIN_VICTIM = "unet"
 ABLATED_METHOD = "voxshield"
 CLEAN = "clean"
 FULL = "full"
 ABLATIONS = (FULL, "w/o L_SPD", "w/o L_ISC", "w/o L_SPD and L_ISC")
 CLEAN_REFERENCE = "clean (reference)"
+FLOOR_METHOD = "random"  # uniform noise in the ROI: what the support and the bound alone do
+FRONTIER_TITLE = "Frontier: victim DSC against the visibility of the perturbation"
 # What shapes the noise: a result fitted with other values than configs/train.json's stays out of
 # Tables 1-3 (they compare methods as published) and is listed in Table 4
 SETTINGS = ("eps", "roi_dilation", "squash", "mask_roi", "surrogate_steps", "generator_steps",
@@ -168,6 +171,35 @@ def _other_settings(settings: dict) -> list[str]:
     return other
 
 
+def _budget(result: dict) -> tuple[float, bool] | None:
+    """
+    The budget of a protected copy as the frontier compares them: (eps, mask_roi), from the copy's
+    perturbation parameters (then its training record, then configs/train.json's defaults). None for
+    clean data and for a copy made with other settings than train.json's besides these two (an
+    ablated loss, another ROI dilation, other networks...), which the frontier leaves out; the fitting
+    length is kept apart by the frontier's rows instead.
+    """
+    if result["run"]["method"] == CLEAN:
+        return None
+    defaults = _defaults()
+    parameters = (result.get("protection") or {}).get("parameters") or {}
+    settings = _training(result) or parameters
+
+    def recorded(name: str):
+        return parameters.get(name, settings.get(name, defaults[name]))
+
+    without_budget = {**settings, "eps": defaults["eps"], "mask_roi": defaults["mask_roi"]}
+    ablated = not (_enabled(settings.get("lambda_spd")) and _enabled(settings.get("lambda_isc")))
+    if ablated or _other_settings(without_budget):
+        return None
+    return float(recorded("eps")), bool(recorded("mask_roi"))
+
+
+def _recipe_key(recipe: dict) -> str:
+    """A victim recipe without its seed, as text: results with equal keys were trained alike."""
+    return json.dumps({name: value for name, value in recipe.items() if name != "seed"}, sort_keys=True)
+
+
 def _setting_text(name: str, value) -> str:
     return f"{name} {value:.4g}" if isinstance(value, float) else f"{name} {value}"
 
@@ -188,6 +220,9 @@ def _summary(result: dict) -> dict:
         "fit_epochs": (_training(result) or {}).get("epochs"),
         "test_cases": len(test_cases) if isinstance(test_cases, list) else test_cases,
         "recipe": (recipe.get("epochs"), recipe.get("iterations"), recipe.get("augmentation")),
+        "recipe_key": _recipe_key(recipe),
+        "seed": recipe.get("seed"),
+        "budget": _budget(result),
         "values": {
             "dsc_percent": None if dice is None else 100 * dice,
             "hd95_mm": overall.get("mean_hd95_mm"),
@@ -370,8 +405,98 @@ def _json_rows(table: _Table) -> list[dict]:
     return rows
 
 
-def _render(built: list[_Table]) -> str:
-    return "\n".join(_markdown(table) for table in built)
+def _render(built: list[_Table], frontier: list[dict]) -> str:
+    """The paper's tables, then the frontier's when it has rows."""
+    return "\n".join([*(_markdown(table) for table in built), *([_frontier_markdown(frontier)] if frontier else [])])
+
+
+# ---- the frontier -------------------------------------------------------------------------------
+def _recipe_labels(keys: set[str]) -> dict[str, str]:
+    """Recipe key -> what tells it from the others (" (epochs 50)"); "" for each when there is one."""
+    recipes = {key: json.loads(key) for key in keys}
+    names = {name for recipe in recipes.values() for name in recipe}
+    differing = sorted(name for name in names if len({json.dumps(r.get(name)) for r in recipes.values()}) > 1)
+    return {key: f" ({', '.join(f'{name} {recipe.get(name)}' for name in differing)})" if differing else ""
+            for key, recipe in recipes.items()}
+
+
+def _frontier(summaries: list[dict]) -> list[dict]:
+    """
+    The frontier's rows: the UNet victims trained on copies made with train.json's settings but for
+    eps and mask_roi (see _budget), grouped by (method, support, eps) and victim recipe, a method's
+    fits of several lengths kept apart as in Table 1 ("voxshield, 100 epochs"). Each victim's DSC is
+    taken as a percentage of the mean DSC of the clean UNet victims trained with the same recipe (any
+    seed); a group without such a clean victim is left out.
+
+    Returns:
+        per group: method (with the recipe where several are present), support ("ROI" or "whole
+        volume"), eps, floor (random noise in the ROI), the mean whole-volume PSNR and SSIM, the mean,
+        lowest and highest DSC as % of clean, the victims' seeds, the clean reference DSC (%) with its
+        number of results, and the source files; ordered by method (the floor first), ROI before
+        whole volume, then eps.
+    """
+    victims = [s for s in summaries if s["victim"] == MAIN_VICTIM and s["values"]["dsc_percent"] is not None]
+    clean: dict[str, list[float]] = {}
+    for s in victims:
+        if s["method"] == CLEAN:
+            clean.setdefault(s["recipe_key"], []).append(s["values"]["dsc_percent"])
+    protected = [s for s in victims if s["budget"] is not None and s["recipe_key"] in clean]
+    method, method_order = _by_fit_length(protected, lambda s: s["method"], lambda name: (name != FLOOR_METHOD, name))
+    recipe_labels = _recipe_labels({s["recipe_key"] for s in protected})
+    groups: dict[tuple, list[dict]] = {}
+    for s in protected:
+        eps, mask_roi = s["budget"]
+        groups.setdefault((method_order.index(method[id(s)]), not mask_roi, eps, s["recipe_key"]), []).append(s)
+    rows = []
+    for (order, whole_volume, eps, recipe), members in sorted(groups.items()):
+        reference = float(np.mean(clean[recipe]))
+        percents = [100 * s["values"]["dsc_percent"] / reference for s in members]
+        rows.append({
+            "method": method_order[order] + recipe_labels[recipe],
+            "support": "whole volume" if whole_volume else "ROI",
+            "eps": eps,
+            "floor": method_order[order] == FLOOR_METHOD and not whole_volume,
+            "psnr_db_volume": _cell(members, "psnr_db_volume")["mean"],
+            "ssim_3d_volume": _cell(members, "ssim_3d_volume")["mean"],
+            "dsc_percent_of_clean": {"mean": float(np.mean(percents)), "min": min(percents), "max": max(percents)},
+            "seeds": [s["seed"] for s in members],
+            "clean_dsc_percent": {"mean": reference, "results": len(clean[recipe])},
+            "sources": [s["source"] for s in members],
+        })
+    return rows
+
+
+def _eps_text(eps: float) -> str:
+    """eps as N/255 (the budgets are chosen in 255ths), to 3 significant digits."""
+    return f"{eps * 255:.3g}/255"
+
+
+def _frontier_markdown(rows: list[dict]) -> str:
+    """The frontier's table (one row per group of _frontier) with its note."""
+    cells = []
+    for row in rows:
+        dsc = row["dsc_percent_of_clean"]
+        spread = f" ({dsc['min']:.2f}-{dsc['max']:.2f})" if len(row["seeds"]) > 1 else ""
+        cells.append([
+            row["method"] + (" (floor)" if row["floor"] else ""), row["support"], _eps_text(row["eps"]),
+            "n/a" if row["psnr_db_volume"] is None else f"{row['psnr_db_volume']:.2f}",
+            "n/a" if row["ssim_3d_volume"] is None else f"{row['ssim_3d_volume']:.4f}",
+            f"{dsc['mean']:.2f}{spread}", ", ".join("?" if seed is None else str(seed) for seed in row["seeds"]),
+        ])
+    headers = ["method", "support", "eps", "PSNR (dB)", "SSIM", "DSC (% of clean)", "seeds"]
+    clean = sorted({f"{row['clean_dsc_percent']['mean']:.2f}% (n={row['clean_dsc_percent']['results']})"
+                    for row in rows})
+    note = (
+        f"From {sum(len(row['sources']) for row in rows)} results.json file(s); victim {MAIN_VICTIM}; copies made "
+        "with train.json's settings but for eps and the support (mask_roi: ROI, or the whole volume), ablations "
+        "and other settings left out. DSC (% of clean): each victim's mean DSC over the mean DSC of the clean "
+        f"victims trained with the same recipe ({' or '.join(clean)}), averaged over the victims' seeds, with the "
+        "lowest and highest seed in brackets. PSNR and SSIM: protected training copy vs its clean twin over the "
+        f"whole volume, as evaluate measures them on the written files. {FLOOR_METHOD} in the ROI (floor): uniform "
+        "noise of the same bound on the label; a method protects beyond what its support and bound alone do only "
+        "where it lies below that line. Figure: frontier.png."
+    )
+    return "\n".join([f"## {FRONTIER_TITLE}", "", markdown_table(headers, cells), "", note, ""])
 
 
 def tables(results: list[dict]) -> str:
@@ -397,16 +522,24 @@ def tables(results: list[dict]) -> str:
     results that have that metric; "-" marks no result, "n/a" a metric that none of them has.
     A note under each table gives the test sets and victim recipes the numbers come from.
 
+    Then, when such results exist, the frontier (see _frontier): per method, support (ROI or whole
+    volume) and eps, the whole-volume PSNR and SSIM and the UNet victim's DSC as % of the clean
+    victim's with the same recipe (mean over seeds, lowest and highest seed), random noise in the ROI
+    marked as the floor.
+
     Args:
         results: as returned by collect_results.
     """
-    return _render(_paper_tables([_summary(result) for result in results]))
+    summaries = [_summary(result) for result in results]
+    return _render(_paper_tables(summaries), _frontier(summaries))
 
 
 def write_report(paths: str | os.PathLike | Sequence[str | os.PathLike], output_dir: str | os.PathLike) -> dict:
     """
     Write OUTPUT/tables.md (see tables) and OUTPUT/report.json, the same numbers as rows: one per
-    table row and column group, with each metric's ``{"mean", "n", "results"}``.
+    table row and column group, with each metric's ``{"mean", "n", "results"}``; and, when there
+    are frontier rows, report.json's "frontier" (the rows of _frontier) and OUTPUT/frontier.png
+    (custom.figures.frontier_figure).
 
     Args:
         paths: results.json files or folders holding them (see collect_results).
@@ -417,7 +550,7 @@ def write_report(paths: str | os.PathLike | Sequence[str | os.PathLike], output_
     """
     results = collect_results(paths)
     summaries = [_summary(result) for result in results]
-    built = _paper_tables(summaries)
+    built, frontier = _paper_tables(summaries), _frontier(summaries)
     report = {
         "format": REPORT_FORMAT,
         "sources": [result["source"] for result in results],
@@ -428,7 +561,10 @@ def write_report(paths: str | os.PathLike | Sequence[str | os.PathLike], output_
     }
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    write_atomic(output / TABLES_NAME, _render(built).encode())
+    if frontier:
+        report["frontier"] = {"title": FRONTIER_TITLE, "rows": frontier}
+        frontier_figure(frontier, output / FRONTIER_FIGURE)
+    write_atomic(output / TABLES_NAME, _render(built, frontier).encode())
     write_atomic(output / REPORT_NAME, json.dumps(report, indent=1).encode())
     return report
 

@@ -18,11 +18,11 @@ CHANGE_HU = 6
 
 
 def results_file(folder, method="clean", victim="unet", dataset="FLARE21", dice=0.8, hd95=5.0, psnr=None,
-                 ssim=None, training=None, test_cases=3, epochs=100, eps=4 / 255, fitted=True):
+                 ssim=None, training=None, test_cases=3, epochs=100, eps=4 / 255, fitted=True, mask_roi=True, seed=0):
     """A results.json as custom.evaluate writes it, with only the fields the report reads filled in
     (``fitted=False``: a training-free method, no checkpoint)."""
     protection = None if method == "clean" else {
-        "method": method, "parameters": {"eps": eps, "roi_dilation": 0, "squash": "tanh"},
+        "method": method, "parameters": {"eps": eps, "roi_dilation": 0, "squash": "tanh", "mask_roi": mask_roi},
         "fitted": {"checkpoint": "generator.pt", "sha256": "0" * 64, "training": training} if fitted else None,
     }
     content = {
@@ -30,7 +30,7 @@ def results_file(folder, method="clean", victim="unet", dataset="FLARE21", dice=
         "run": {"victim": victim, "train_data": "/data/train", "test_data": "/data/test", "dataset_name": dataset,
                 "method": method, "train_cases": 5, "test_cases": [f"case_{i}" for i in range(test_cases)]},
         "protection": protection,
-        "recipe": {"victim": victim, "epochs": epochs, "iterations": 4 * epochs, "augmentation": False},
+        "recipe": {"victim": victim, "epochs": epochs, "iterations": 4 * epochs, "augmentation": False, "seed": seed},
         "metrics": {"aggregate": {"regions": {}, "mean_dice": dice, "mean_hd95_mm": hd95,
                                   "empty_prediction_cases": 0, "cases": test_cases}, "cases": []},
         "imperceptibility": None if psnr is None else {"aggregate": {
@@ -61,8 +61,8 @@ def results_dir(tmp_path):
     return root
 
 
-def markdown_rows(markdown: str, title_start: str) -> dict[str, dict[str, str]]:
-    """The rows of one Markdown table, as {first cell: {header: cell}}."""
+def table_lines(markdown: str, title_start: str) -> list[list[str]]:
+    """The lines of one Markdown table (header, separator, rows), each as its list of cells."""
     lines = markdown.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith(f"## {title_start}"))
     table = []
@@ -70,6 +70,12 @@ def markdown_rows(markdown: str, title_start: str) -> dict[str, dict[str, str]]:
         if not line.startswith("|"):
             break
         table.append([cell.strip() for cell in line.strip("|").split("|")])
+    return table
+
+
+def markdown_rows(markdown: str, title_start: str) -> dict[str, dict[str, str]]:
+    """The rows of one Markdown table, as {first cell: {header: cell}}."""
+    table = table_lines(markdown, title_start)
     headers = table[0]
     return {row[0]: dict(zip(headers, row)) for row in table[2:]}
 
@@ -296,3 +302,92 @@ def test_variant_name():
     assert report.Variant("w/o L_SPD").name == "w/o L_SPD"
     assert report.Variant(report.FULL, ("eps 0.06275", "50 epochs")).name == "full; eps 0.06275, 50 epochs"
     assert report.Variant(report.FULL) == report.Variant("full", ())  # equal by value: the tables select by it
+
+
+def test_frontier_table_and_figure(tmp_path):
+    """Victim DSC as % of the clean victims' mean, grouped by (method, support, eps), against the copy's
+    PSNR; ablations, other settings, other victims and recipes without a clean twin stay out."""
+    root = tmp_path / "runs"
+    results_file(root / "clean_seed0", dice=0.80, seed=0)
+    results_file(root / "clean_seed1", dice=0.90, seed=1)  # the clean reference: 85%
+    results_file(root / "random", "random", dice=0.85, psnr=50.0, ssim=0.99, fitted=False)
+    results_file(root / "random_eps16_seed0", "random", dice=0.60, psnr=40.0, ssim=0.95, fitted=False, eps=16 / 255)
+    results_file(root / "random_eps16_seed1", "random", dice=0.50, psnr=41.0, ssim=0.97, fitted=False, eps=16 / 255,
+                 seed=1)
+    for seed, dice in enumerate((0.85, 0.80, 0.68)):
+        results_file(root / f"vox_seed{seed}", "voxshield", dice=dice, psnr=49.0, ssim=0.998, training=full(),
+                     seed=seed)
+    results_file(root / "vox_volume_eps8", "voxshield", dice=0.17, psnr=36.0, ssim=0.96, eps=8 / 255, mask_roi=False,
+                 training={**full(), "eps": 8 / 255, "mask_roi": False})
+    # left out: an ablation, another ROI dilation, another victim, a recipe with no clean victim
+    results_file(root / "no_spd", "voxshield", dice=0.10, psnr=49.0, ssim=0.99, training=full(spd=0))
+    results_file(root / "dilated", "voxshield", dice=0.10, psnr=48.0, ssim=0.99, training={**full(), "roi_dilation": 2})
+    results_file(root / "unetr", "voxshield", victim="unetr", dice=0.10, psnr=49.0, ssim=0.99, training=full())
+    results_file(root / "short", "random", dice=0.10, psnr=50.0, ssim=0.99, fitted=False, epochs=50)
+
+    report.write_report(root, tmp_path / "out")
+    markdown = (tmp_path / "out" / "tables.md").read_text()
+    assert markdown.index("## Table 1") < markdown.index("## Frontier")
+    rows = table_lines(markdown, "Frontier")[2:]
+    assert [row[:3] for row in rows] == [
+        ["random (floor)", "ROI", "4/255"], ["random (floor)", "ROI", "16/255"],
+        ["voxshield", "ROI", "4/255"], ["voxshield", "whole volume", "8/255"]]
+    percent = {name: 100 * dice / 0.85 for name, dice in
+               {"random": 0.85, "r16_0": 0.60, "r16_1": 0.50, "v0": 0.85, "v1": 0.80, "v2": 0.68, "v8": 0.17}.items()}
+    random16 = [percent["r16_0"], percent["r16_1"]]
+    voxshield = [percent["v0"], percent["v1"], percent["v2"]]
+    assert rows[0][3:] == ["50.00", "0.9900", f"{percent['random']:.2f}", "0"]
+    assert rows[1][3:] == ["40.50", "0.9600", f"{sum(random16) / 2:.2f} ({min(random16):.2f}-{max(random16):.2f})",
+                           "0, 1"]
+    assert rows[2][3:] == ["49.00", "0.9980", f"{sum(voxshield) / 3:.2f} ({min(voxshield):.2f}-{max(voxshield):.2f})",
+                           "0, 1, 2"]
+    assert rows[3][3:] == ["36.00", "0.9600", f"{percent['v8']:.2f}", "0"]
+    assert "85.00% (n=2)" in markdown
+
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())["frontier"]["rows"]
+    assert [row["floor"] for row in saved] == [True, True, False, False]
+    assert saved[1]["eps"] == pytest.approx(16 / 255) and saved[3]["support"] == "whole volume"
+    assert saved[2]["dsc_percent_of_clean"]["mean"] == pytest.approx(sum(voxshield) / 3)
+    assert saved[2]["clean_dsc_percent"] == {"mean": pytest.approx(85.0), "results": 2}
+
+    figure = tmp_path / "out" / "frontier.png"
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    pixels = matplotlib.image.imread(figure)
+    assert pixels.ndim == 3 and pixels[..., :3].std() > 0.05  # not a blank canvas
+
+
+def test_no_frontier_without_protected_results(tmp_path):
+    results_file(tmp_path / "runs" / "clean", dice=0.80)
+    report.write_report(tmp_path / "runs", tmp_path / "out")
+    assert "Frontier" not in (tmp_path / "out" / "tables.md").read_text()
+    assert "frontier" not in json.loads((tmp_path / "out" / "report.json").read_text())
+    assert not (tmp_path / "out" / "frontier.png").exists()
+
+
+def test_comparison_shows_the_slice_where_the_perturbation_is(tmp_path):
+    """A perturbation on every other axial slice, none on the ROI's centre slice: the comparison
+    figure's slice is the one whose ROI holds the most |delta|, so its difference is not blank."""
+    clean = make_demo_dataset(tmp_path / "clean", "flare", num_cases=1, shape=(32, 32, 16))
+    protected = tmp_path / "protected"
+    shutil.copytree(clean, protected)
+    image_name, label_name = "TrainingImg/train_000_0000.nii.gz", "TrainingMask/train_000.nii.gz"
+    label = np.asanyarray(nib.load(clean / label_name).dataobj) > 0
+    centre = int(round(np.nonzero(label)[2].mean()))
+    changed_slices = np.arange(label.shape[2]) % 2 != centre % 2
+    image = nib.load(clean / image_name)
+    stored = np.asanyarray(image.dataobj)
+    change = (label & changed_slices).astype(np.int16) * CHANGE_HU
+    nib.save(nib.Nifti1Image(stored + change, image.affine, image.header), protected / image_name)
+    (protected / "voxshield_manifest.json").write_text(json.dumps(
+        {"cases": [{"case_id": "train_000", "images": [image_name], "label": label_name}]}))
+
+    pair = figures.load_pair(clean, protected)
+    delta = pair.protected[0] - pair.clean[0]
+    index = figures.strongest_slice(delta, pair.label)
+    assert not delta[..., centre].any()  # the ROI-centre slice would show a blank difference
+    assert np.abs(delta[..., index][label[..., index]]).min() > 0
+    # independently: every changed ROI voxel moves by the same amount, so the slice with most ROI voxels wins
+    assert index == int(np.argmax(label.sum(axis=(0, 1)) * changed_slices))
+    assert figures.strongest_slice(np.zeros_like(delta), pair.label) == centre  # nothing to show: the centre
+    figures.comparison_figure(clean, protected, None, tmp_path / "cmp.png")
+    assert (tmp_path / "cmp.png").is_file()
