@@ -196,8 +196,11 @@ def _budget(result: dict) -> tuple[float, bool] | None:
 
 
 def _recipe_key(recipe: dict) -> str:
-    """A victim recipe without its seed, as text: results with equal keys were trained alike."""
-    return json.dumps({name: value for name, value in recipe.items() if name != "seed"}, sort_keys=True)
+    """A victim recipe without its seed, as text: results with equal keys were trained alike. A
+    setting recorded as null counts as not recorded, so a file written before a setting existed (e.g.
+    no "countermeasure") pairs with one that records it switched off."""
+    return json.dumps({name: value for name, value in recipe.items() if name != "seed" and value is not None},
+                      sort_keys=True)
 
 
 def _setting_text(name: str, value) -> str:
@@ -441,21 +444,21 @@ def _frontier(summaries: list[dict]) -> list[dict]:
         if s["method"] == CLEAN:
             clean.setdefault(s["recipe_key"], []).append(s["values"]["dsc_percent"])
     protected = [s for s in victims if s["budget"] is not None and s["recipe_key"] in clean]
-    method, method_order = _by_fit_length(protected, lambda s: s["method"], lambda name: (name != FLOOR_METHOD, name))
+    row_name, name_order = _by_fit_length(protected, lambda s: s["method"], lambda name: (name != FLOOR_METHOD, name))
     recipe_labels = _recipe_labels({s["recipe_key"] for s in protected})
     groups: dict[tuple, list[dict]] = {}
     for s in protected:
         eps, mask_roi = s["budget"]
-        groups.setdefault((method_order.index(method[id(s)]), not mask_roi, eps, s["recipe_key"]), []).append(s)
+        groups.setdefault((name_order.index(row_name[id(s)]), not mask_roi, eps, s["recipe_key"]), []).append(s)
     rows = []
     for (order, whole_volume, eps, recipe), members in sorted(groups.items()):
         reference = float(np.mean(clean[recipe]))
         percents = [100 * s["values"]["dsc_percent"] / reference for s in members]
         rows.append({
-            "method": method_order[order] + recipe_labels[recipe],
+            "method": name_order[order] + recipe_labels[recipe],
             "support": "whole volume" if whole_volume else "ROI",
             "eps": eps,
-            "floor": method_order[order] == FLOOR_METHOD and not whole_volume,
+            "floor": name_order[order] == FLOOR_METHOD and not whole_volume,
             "psnr_db_volume": _cell(members, "psnr_db_volume")["mean"],
             "ssim_3d_volume": _cell(members, "ssim_3d_volume")["mean"],
             "dsc_percent_of_clean": {"mean": float(np.mean(percents)), "min": min(percents), "max": max(percents)},

@@ -317,9 +317,11 @@ def test_frontier_table_and_figure(tmp_path):
     for seed, dice in enumerate((0.85, 0.80, 0.68)):
         results_file(root / f"vox_seed{seed}", "voxshield", dice=dice, psnr=49.0, ssim=0.998, training=full(),
                      seed=seed)
-    results_file(root / "vox_volume_eps8", "voxshield", dice=0.17, psnr=36.0, ssim=0.96, eps=8 / 255, mask_roi=False,
-                 training={**full(), "eps": 8 / 255, "mask_roi": False})
-    # left out: an ablation, another ROI dilation, another victim, a recipe with no clean victim
+    volume = results_file(root / "vox_volume_eps8", "voxshield", dice=0.17, psnr=36.0, ssim=0.96, eps=8 / 255,
+                          mask_roi=False, training={**full(), "eps": 8 / 255, "mask_roi": False})
+    with_switch(volume, None)  # a newer file recording no countermeasure pairs with the older clean ones
+    with_switch(results_file(root / "jpeg", "random", dice=0.10, psnr=50.0, ssim=0.99, fitted=False), "jpeg")
+    # left out: an ablation, another ROI dilation, another victim, recipes with no clean victim
     results_file(root / "no_spd", "voxshield", dice=0.10, psnr=49.0, ssim=0.99, training=full(spd=0))
     results_file(root / "dilated", "voxshield", dice=0.10, psnr=48.0, ssim=0.99, training={**full(), "roi_dilation": 2})
     results_file(root / "unetr", "voxshield", victim="unetr", dice=0.10, psnr=49.0, ssim=0.99, training=full())
@@ -354,6 +356,13 @@ def test_frontier_table_and_figure(tmp_path):
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     pixels = matplotlib.image.imread(figure)
     assert pixels.ndim == 3 and pixels[..., :3].std() > 0.05  # not a blank canvas
+
+
+def with_switch(path, countermeasure):
+    """Record a countermeasure in a results file's recipe, as evaluate writes it."""
+    content = json.loads(path.read_text())
+    content["recipe"]["countermeasure"] = countermeasure
+    path.write_text(json.dumps(content))
 
 
 def test_no_frontier_without_protected_results(tmp_path):
