@@ -5,6 +5,7 @@ import json
 import math
 import shutil
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -17,6 +18,7 @@ from scipy import ndimage
 from conftest import run_bundle
 from custom.bundle_utils import config_files
 from custom.countermeasures import COUNTERMEASURES, AdversarialBatch, ResampledInferer, protection_eps, select
+from custom.data import LoadCased, open_dataset
 from custom.manifest import MANIFEST_NAME
 
 
@@ -100,6 +102,18 @@ def test_resample_changes_the_grid_as_the_spacing_says_and_keeps_the_label_align
         after = world_bounds(np.asarray(resampled)[0] > 0.5, 2.0)
         for edge_before, edge_after in zip(before, after):
             assert np.abs(edge_after - edge_before).max() <= 2.0  # within one voxel of the new grid
+
+
+def test_loader_gives_the_affine_for_resampling(flare_data):
+    spec = open_dataset(flare_data)
+    case = spec.cases[0]
+    plain = LoadCased(spec)({"case_id": case.case_id})
+    with_affine = LoadCased(spec, with_affine=True)({"case_id": case.case_id})
+    label_affine = nib.load(flare_data / case.label).affine
+    for key in ("image", "label"):
+        assert isinstance(with_affine[key], MetaTensor) and not isinstance(plain[key], MetaTensor)
+        np.testing.assert_array_equal(with_affine[key].numpy(), plain[key])
+        np.testing.assert_allclose(with_affine[key].affine.numpy(), label_affine)
 
 
 def test_resampled_inferer_predicts_at_the_spacing_and_answers_on_the_input_grid():
