@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from monai.data import MetaTensor
 from monai.transforms import MapLabelValue, MapTransform
 
 from custom.nifti_io import VoxShieldInputError, load_nifti, read_stored, slope_inter
@@ -231,13 +232,15 @@ def open_dataset(
 
 @dataclass
 class LoadedCase:
-    """A case in memory: source-unit channels (C, H, W, D) float64, the label map, and per channel
-    the normalisation offset and scale: normalised = clip((source - offset) / scale, 0, 1)."""
+    """A case in memory: source-unit channels (C, H, W, D) float64, the label map, per channel
+    the normalisation offset and scale: normalised = clip((source - offset) / scale, 0, 1), and the
+    label's 4x4 voxel-to-world affine (the images share it)."""
 
     image: np.ndarray
     label: np.ndarray
     offsets: np.ndarray
     scales: np.ndarray
+    affine: np.ndarray | None = None
 
 
 def _channel_arrays(spec: DatasetSpec, case: Case, label_shape, label_affine) -> list[np.ndarray]:
@@ -311,7 +314,7 @@ def load_case(spec: DatasetSpec, case: Case, allow_empty_label: bool = False) ->
     channels = _channel_arrays(spec, case, label_image.shape, label_image.affine)
     scaling = [fit_scaling(values, kind, spec) for values, kind in zip(channels, spec.normalisation)]
     offsets, scales = (np.array(values) for values in zip(*scaling))
-    return LoadedCase(np.stack(channels), label, offsets, scales)
+    return LoadedCase(np.stack(channels), label, offsets, scales, label_image.affine)
 
 
 def normalise(image: np.ndarray, offsets: np.ndarray, scales: np.ndarray) -> np.ndarray:
@@ -331,11 +334,15 @@ class LoadCased(MapTransform):
         spec: the dataset.
         image_key, label_key: output keys; image (C, H, W, D) float32 in [0, 1], label (1, H, W, D)
             with the dataset's label values mapped to 0..K-1.
+        with_affine: give both as MetaTensors carrying the label's affine (for spatial transforms
+            such as Spacingd); numpy arrays otherwise.
     """
 
-    def __init__(self, spec: DatasetSpec, image_key: str = "image", label_key: str = "label") -> None:
+    def __init__(self, spec: DatasetSpec, image_key: str = "image", label_key: str = "label",
+                 with_affine: bool = False) -> None:
         super().__init__(keys=[image_key, label_key])
         self.spec = spec
+        self.with_affine = with_affine
         self.cases = {case.case_id: case for case in spec.cases}
         self.image_key, self.label_key = image_key, label_key
         # load_case rejects values outside spec.labels, so every voxel has a class index
@@ -345,5 +352,7 @@ class LoadCased(MapTransform):
 
     def __call__(self, data: dict) -> dict:
         loaded = load_case(self.spec, self.cases[data["case_id"]])
-        label = self.to_class_index(loaded.label[None])
-        return {**data, self.image_key: normalise(loaded.image, loaded.offsets, loaded.scales), self.label_key: label}
+        image, label = normalise(loaded.image, loaded.offsets, loaded.scales), self.to_class_index(loaded.label[None])
+        if self.with_affine:
+            image, label = MetaTensor(image, affine=loaded.affine), MetaTensor(label, affine=loaded.affine)
+        return {**data, self.image_key: image, self.label_key: label}

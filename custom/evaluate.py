@@ -12,6 +12,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
+from monai.data import MetaTensor
 from tqdm import tqdm
 
 from custom.data import BRATS_LABELS, DatasetSpec, load_case, normalise, open_dataset
@@ -38,6 +39,8 @@ def score_cases(network: torch.nn.Module, inferer, spec: DatasetSpec, device="cp
     """
     Segments every case of ``spec`` with ``network`` (in eval mode, through ``inferer``, on
     intensities normalised as protect and the victims see them) and scores it against its label.
+    The inferer gets a ``(1, C, H, W, D)`` MetaTensor carrying the volume's affine (which
+    custom.countermeasures.ResampledInferer needs) and returns logits on the same grid.
 
     Returns:
         one record per case: ``case_id`` and custom.seg_metrics.case_metrics's DSC and HD95 (mm,
@@ -48,7 +51,8 @@ def score_cases(network: torch.nn.Module, inferer, spec: DatasetSpec, device="cp
     records = []
     for case in tqdm(spec.cases, desc="evaluate"):
         loaded = load_case(spec, case)
-        image = torch.as_tensor(normalise(loaded.image, loaded.offsets, loaded.scales)[None], device=device)
+        image = MetaTensor(normalise(loaded.image, loaded.offsets, loaded.scales)[None], affine=loaded.affine,
+                           device=device)
         with torch.no_grad():
             prediction = inferer(image, network).argmax(1)[0].cpu().numpy()
         spacing = nib.load(spec.root / case.label).header.get_zooms()[:3]

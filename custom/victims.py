@@ -4,9 +4,10 @@ evaluated on clean data, to measure how unlearnable the copy is.
 
 ``build_victim(name, in_channels, out_channels, patch_size)`` returns a network that maps a batch
 ``(B, in_channels, *patch_size)`` to logits ``(B, out_channels, *patch_size)``, always one tensor.
-All six are 3D. Their sizes are chosen so that each one trains on 64x64x32 patches on a 2-core CPU
-in minutes, while keeping the defining structure of its architecture (number of resolution levels,
-skip pattern, transformer placement); a GPU run can use the same definitions.
+The first six (``VICTIMS``) are 3D; ``slice2d`` (``SLICE_VICTIMS``) is 2D. Their sizes are chosen so
+that each one trains on 64x64x32 patches on a 2-core CPU in minutes, while keeping the defining
+structure of its architecture (number of resolution levels, skip pattern, transformer placement); a
+GPU run can use the same definitions.
 
 ==================  ======================================================================  ========
 name                configuration                                                           multiple
@@ -32,16 +33,20 @@ name                configuration                                               
 ``swinunetr``       MONAI ``SwinUNETR`` (Hatamizadeh et al. 2022): feature size 24 (half the  32
                     paper's 48), depths (2, 2, 2, 2), heads (3, 6, 12, 24), window 7,
                     patch 2.
+``slice2d``         ``SliceWise`` MONAI 2D ``UNet``, the ``unet`` victim's configuration in    16 (H, W)
+                    2D, over each axial slice (last axis) independently: trains on the
+                    slices of the 3D crops, predicts a volume slice by slice.
 ==================  ======================================================================  ========
 
-Every spatial dimension of ``patch_size`` must be a multiple of the number in the last column (the
-total downsampling of the network), and, except for ``unetr`` (whose 1/16 tokens are not normalised
-by a norm layer over space), the bottleneck must hold more than one voxel for its normalisation to
-train, so one dimension at least must be twice that number (smallest patches: 32x16x16, 64x32x32
-for ``swinunetr``, 16x16x16 for ``unetr``). ``build_victim`` checks both up front and raises a
-``ValueError`` naming the architecture and the multiple. ``transunet`` and ``unetr`` learn one position embedding
-per token of ``patch_size``, so they only accept inputs of exactly ``patch_size``: infer with a
-sliding window of ``roi_size=patch_size``. The others accept any multiple of their number.
+Every spatial dimension of ``patch_size`` (the first two for ``slice2d``) must be a multiple of the
+number in the last column (the total downsampling of the network), and, except for ``unetr`` (whose
+1/16 tokens are not normalised by a norm layer over space), the bottleneck must hold more than one
+voxel for its normalisation to train, so one dimension at least must be twice that number (smallest
+patches: 32x16x16, 64x32x32 for ``swinunetr``, 16x16x16 for ``unetr``). ``build_victim`` checks both
+up front and raises a ``ValueError`` naming the architecture and the multiple. ``transunet`` and
+``unetr`` learn one position embedding per token of ``patch_size``, so they only accept inputs of
+exactly ``patch_size``: infer with a sliding window of ``roi_size=patch_size``. The others accept
+any multiple of their number.
 
 Cost of one training step (forward, cross-entropy, backward, Adam step; batch 2 of 64x64x32, 1
 channel in, 2 out, median of 5 steps, torch 2.13 on a 2-core CPU, 2 threads) and parameter counts:
@@ -79,35 +84,63 @@ from monai.networks.nets import UNETR, AttentionUnet, BasicUNetPlusPlus, SwinUNE
 from torch import nn
 
 VICTIMS = ("unet", "attention_unet", "unetpp", "transunet", "unetr", "swinunetr")
+# victims that segment a volume slice by slice with a 2D network
+SLICE_VICTIMS = ("slice2d",)
 
-# The multiple every spatial dimension of the patch must be, per victim (its total downsampling).
-_MULTIPLE = {"unet": 16, "attention_unet": 16, "unetpp": 16, "transunet": 16, "unetr": 16, "swinunetr": 32}
+# The multiple every spatial dimension of the patch must be (the in-plane ones for slice2d), per victim (its total downsampling).
+_MULTIPLE = {"unet": 16, "attention_unet": 16, "unetpp": 16, "transunet": 16, "unetr": 16, "swinunetr": 32, "slice2d": 16}
 
 
 def _check_patch(
-    architecture: str, patch_size: Sequence[int], multiple: int, normalised_bottleneck: bool = True
+    architecture: str, patch_size: Sequence[int], multiple: int, normalised_bottleneck: bool = True,
+    downsampled_axes: int = 3,
 ) -> tuple[int, int, int]:
     """
     ``patch_size`` as a 3-tuple of ints, or a ValueError naming ``architecture`` and ``multiple``.
 
-    With ``normalised_bottleneck`` the network normalises its ``patch_size / multiple`` bottleneck with
-    instance norm (batch norm for AttentionUnet), which cannot train on a single voxel, so one
-    dimension at least must be ``2 * multiple`` or more.
+    The network downsamples the first ``downsampled_axes`` axes by ``multiple`` (3; 2 for a slice-wise
+    2D network, which leaves the slice axis alone). With ``normalised_bottleneck`` the network
+    normalises its bottleneck over those axes with instance norm (batch norm for AttentionUnet),
+    which cannot train on a single voxel, so one of them at least must be ``2 * multiple`` or more.
     """
     size = tuple(int(s) for s in patch_size)
     if len(size) != 3 or any(s <= 0 for s in size):
-        raise ValueError(f"{architecture} is a 3D network: patch_size must be 3 positive ints, got {tuple(patch_size)}")
-    if any(s % multiple for s in size):
+        raise ValueError(f"{architecture} segments 3D volumes: patch_size must be 3 positive ints, got {tuple(patch_size)}")
+    downsampled = size[:downsampled_axes]
+    which = "every spatial dimension" if downsampled_axes == 3 else f"the first {downsampled_axes} dimensions"
+    if any(s % multiple for s in downsampled):
         raise ValueError(
-            f"{architecture} needs every spatial dimension of patch_size to be a multiple of {multiple} "
+            f"{architecture} needs {which} of patch_size to be a multiple of {multiple} "
             f"(its total downsampling), got {size}"
         )
-    if normalised_bottleneck and all(s == multiple for s in size):
+    if normalised_bottleneck and all(s == multiple for s in downsampled):
         raise ValueError(
             f"{architecture} normalises its bottleneck (patch_size / {multiple}), which needs more than one voxel "
-            f"to train: make at least one dimension of patch_size {2 * multiple} or more, got {size}"
+            f"to train: make at least one of {which} of patch_size {2 * multiple} or more, got {size}"
         )
     return size
+
+
+class SliceWise(nn.Module):
+    """
+    A 2D network applied to every slice of a volume along its last axis (axial slices of (H, W, D)
+    volumes), slices independent of each other: ``(B, C, H, W, D)`` becomes ``B * D`` slices
+    ``(C, H, W)``, and the network's ``(B * D, K, H, W)`` outputs are stacked back to ``(B, K, H, W, D)``.
+    Trained on 3D crops it trains on their slices; through a 3D sliding window it predicts slice by slice.
+
+    Args:
+        network: a 2D network mapping ``(N, C, H, W)`` to ``(N, K, H, W)``.
+    """
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, depth = x.shape[0], x.shape[-1]
+        slices = x.permute(0, 4, 1, 2, 3).reshape(batch * depth, *x.shape[1:4])
+        logits = self.network(slices)
+        return logits.reshape(batch, depth, *logits.shape[1:]).permute(0, 2, 3, 4, 1)
 
 
 class _FirstOutput(nn.Module):
@@ -290,26 +323,31 @@ class TransUNet3D(nn.Module):
 
 def build_victim(name: str, in_channels: int, out_channels: int, patch_size: Sequence[int]) -> nn.Module:
     """
-    A victim network by name (one of ``VICTIMS``; configurations in this module's docstring).
+    A victim network by name (one of ``VICTIMS`` or ``SLICE_VICTIMS``; configurations in this module's
+    docstring).
 
     Args:
-        name: the architecture, one of ``VICTIMS``.
+        name: the architecture, one of ``VICTIMS`` or ``SLICE_VICTIMS``.
         in_channels: input channels (modalities).
         out_channels: output logit channels (classes including background).
         patch_size: the 3D training patch ``(D, H, W)``; every dimension must be a multiple of the
-            architecture's total downsampling (16, or 32 for ``swinunetr``). ``transunet`` and
-            ``unetr`` are built for exactly this input size.
+            architecture's total downsampling (16, or 32 for ``swinunetr``; for ``slice2d`` the
+            in-plane dimensions only). ``transunet`` and ``unetr`` are built for exactly this input size.
 
     Returns:
         a module mapping ``(B, in_channels, *patch_size)`` to ``(B, out_channels, *patch_size)`` logits.
 
     Raises:
-        ValueError: for an unknown ``name`` (the message lists ``VICTIMS``) or a ``patch_size`` that is
+        ValueError: for an unknown ``name`` (the message lists every victim) or a ``patch_size`` that is
             not 3D or not a multiple of what the architecture needs (the message names both).
     """
     if name not in _MULTIPLE:
-        raise ValueError(f"unknown victim {name!r}; choose one of {', '.join(VICTIMS)}")
-    size = _check_patch(name, patch_size, _MULTIPLE[name], normalised_bottleneck=name != "unetr")
+        raise ValueError(f"unknown victim {name!r}; choose one of {', '.join(VICTIMS + SLICE_VICTIMS)}")
+    size = _check_patch(name, patch_size, _MULTIPLE[name], normalised_bottleneck=name != "unetr",
+                        downsampled_axes=2 if name in SLICE_VICTIMS else 3)
+    if name == "slice2d":
+        return SliceWise(UNet(2, in_channels, out_channels, channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2),
+                              num_res_units=2, norm="INSTANCE"))
     if name == "unet":
         return UNet(3, in_channels, out_channels, channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2),
                     num_res_units=2, norm="INSTANCE")

@@ -70,7 +70,7 @@ def test_bad_patch_size(name):
     multiple = MULTIPLE[name]
     with pytest.raises(ValueError, match=rf"{name} .*multiple of {multiple}\b"):
         build_victim(name, 1, 2, (2 * multiple, 2 * multiple, multiple + 8))
-    with pytest.raises(ValueError, match=rf"{name} is a 3D network"):
+    with pytest.raises(ValueError, match=rf"{name} segments 3D volumes"):
         build_victim(name, 1, 2, (2 * multiple, 2 * multiple))
     # the next multiple down is not accepted for the 32-multiple network
     if multiple == 32:
@@ -136,3 +136,31 @@ def test_transunet_attention_mixes_all_tokens():
         grad = block.attn.qkv.weight.grad
         assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
     assert net.position_embedding.grad.abs().sum() > 0
+
+
+def test_slice2d_segments_each_axial_slice_on_its_own():
+    torch.manual_seed(0)
+    net = build_victim("slice2d", 1, 3, (32, 16, 8)).eval()
+    x = torch.randn(2, 1, 32, 16, 8)
+    with torch.no_grad():
+        out = net(x)
+        assert out.shape == (2, 3, 32, 16, 8)
+        # slice z of the output is the 2D UNet's output for slice z of the input (up to float error: the
+        # convolutions' algorithms depend on the batch size)
+        torch.testing.assert_close(out[1, :, :, :, 5], net.network(x[1:2, :, :, :, 5])[0], atol=1e-4, rtol=0)
+        changed = x.clone()
+        changed[..., 3] = torch.randn(2, 1, 32, 16)
+        difference = (net(changed) - out).abs().amax(dim=(0, 1, 2, 3))
+    assert difference[3] > 0.01 and (difference[[0, 1, 2, 4, 5, 6, 7]] < 1e-5).all()
+    assert isinstance(net.network.model[0].conv.unit0.conv, nn.Conv2d)
+
+
+def test_slice2d_patch_size():
+    assert build_victim("slice2d", 1, 2, (32, 16, 3))(torch.randn(1, 1, 32, 16, 3)).shape == (1, 2, 32, 16, 3)
+    with pytest.raises(ValueError, match=r"slice2d needs the first 2 dimensions of patch_size to be a multiple of 16"):
+        build_victim("slice2d", 1, 2, (24, 16, 16))
+    with pytest.raises(ValueError, match=r"slice2d normalises its bottleneck .* first 2 dimensions of patch_size 32"):
+        build_victim("slice2d", 1, 2, (16, 16, 32))
+    with pytest.raises(ValueError) as error:
+        build_victim("resnet", 1, 2, (32, 32, 32))
+    assert "slice2d" in str(error.value)
