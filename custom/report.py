@@ -17,6 +17,7 @@ from custom.evaluate import RESULTS_NAME
 from custom.figures import comparison_figure, frontier_figure, perturbation_figure
 from custom.manifest import fitted_record
 from custom.markdown import markdown_table
+from custom.victims import SLICE_VICTIMS
 from custom.nifti_io import VoxShieldInputError, write_atomic
 from custom.bundle_utils import shared_defaults
 
@@ -35,6 +36,8 @@ ABLATIONS = (FULL, "w/o L_SPD", "w/o L_ISC", "w/o L_SPD and L_ISC")
 CLEAN_REFERENCE = "clean (reference)"
 FLOOR_METHOD = "random"  # uniform noise in the ROI: what the support and the bound alone do
 FRONTIER_TITLE = "Frontier: victim DSC against the visibility of the perturbation"
+COUNTERMEASURE_TITLE = "Countermeasures: victim DSC (% of clean) after an exploiter's step"
+(SLICE_VICTIM,) = SLICE_VICTIMS
 # What shapes the noise: a result fitted with other values than configs/train.json's stays out of
 # Tables 1-3 (they compare methods as published) and is listed in Table 4
 SETTINGS = ("eps", "roi_dilation", "squash", "mask_roi", "surrogate_steps", "generator_steps",
@@ -224,6 +227,7 @@ def _summary(result: dict) -> dict:
         "test_cases": len(test_cases) if isinstance(test_cases, list) else test_cases,
         "recipe": (recipe.get("epochs"), recipe.get("iterations"), recipe.get("augmentation")),
         "recipe_key": _recipe_key(recipe),
+        "countermeasure": recipe.get("countermeasure"),
         "seed": recipe.get("seed"),
         "budget": _budget(result),
         "values": {
@@ -284,6 +288,7 @@ def _by_fit_length(summaries: list[dict], name, order) -> tuple[dict[int, str], 
 
 
 def _paper_tables(summaries: list[dict]) -> list[_Table]:
+    summaries = [s for s in summaries if s["countermeasure"] is None]  # an exploiter's step: the matrix's
     main = [s for s in summaries if s["variant"] in (Variant(CLEAN), Variant(FULL))]
     method, method_order = _by_fit_length(main, lambda s: s["method"], lambda name: (name != CLEAN, name))
     table1 = _build(
@@ -408,9 +413,10 @@ def _json_rows(table: _Table) -> list[dict]:
     return rows
 
 
-def _render(built: list[_Table], frontier: list[dict]) -> str:
-    """The paper's tables, then the frontier's when it has rows."""
-    return "\n".join([*(_markdown(table) for table in built), *([_frontier_markdown(frontier)] if frontier else [])])
+def _render(built: list[_Table], frontier: list[dict], matrix: dict) -> str:
+    """The paper's tables, then the frontier and the countermeasure matrix when they have rows."""
+    return "\n".join([*(_markdown(table) for table in built), *([_frontier_markdown(frontier)] if frontier else []),
+                      *([_countermeasure_markdown(matrix)] if matrix["rows"] else [])])
 
 
 # ---- the frontier -------------------------------------------------------------------------------
@@ -467,6 +473,76 @@ def _frontier(summaries: list[dict]) -> list[dict]:
             "sources": [s["source"] for s in members],
         })
     return rows
+
+
+# ---- countermeasures ------------------------------------------------------------------------------
+def _countermeasure_matrix(summaries: list[dict]) -> dict:
+    """
+    What an exploiter's step does to each method's protection: for the methods of Table 1 (copies
+    made with train.json's settings) and every victim recipe of a 3D UNet (or the slice-wise 2D
+    victim) with a clean victim of the same recipe, each victim's DSC as a percentage of that clean
+    victim's mean DSC, so a countermeasure that also costs the clean victim accuracy is not counted
+    as lifting the protection.
+
+    Returns:
+        {"columns": [column names], "rows": [{"method", "cells": {column: {"mean", "min", "max",
+        "results", "clean_dsc_percent"}}}]}; columns are "none", the countermeasures, "slice2d victim"
+        (with " + countermeasure" when both), each with the recipe's other differences in brackets.
+        Empty rows and columns when no result has a countermeasure or the 2D victim.
+    """
+    victims = [s for s in summaries if s["victim"] in (MAIN_VICTIM, SLICE_VICTIM)
+               and s["values"]["dsc_percent"] is not None and s["variant"] in (Variant(CLEAN), Variant(FULL))]
+    if not any(s["countermeasure"] is not None or s["victim"] == SLICE_VICTIM for s in victims):
+        return {"columns": [], "rows": []}
+    clean: dict[str, list[float]] = {}
+    for s in victims:
+        if s["method"] == CLEAN:
+            clean.setdefault(s["recipe_key"], []).append(s["values"]["dsc_percent"])
+    protected = [s for s in victims if s["method"] != CLEAN and s["recipe_key"] in clean]
+    method, method_order = _by_fit_length(protected, lambda s: s["method"], lambda name: name)
+    differences = _recipe_labels({s["recipe_key"] for s in protected})
+
+    def column(s: dict) -> str:
+        step = [f"{SLICE_VICTIM} victim"] if s["victim"] == SLICE_VICTIM else []
+        step += [s["countermeasure"]] if s["countermeasure"] is not None else []
+        # the victim and the countermeasure are the column's name already
+        extra = [part for part in differences[s["recipe_key"]].strip(" ()").split(", ")
+                 if part and not part.startswith(("victim ", "countermeasure "))]
+        return " + ".join(step or ["none"]) + (f" ({', '.join(extra)})" if extra else "")
+
+    cells: dict[tuple[str, str], list[dict]] = {}
+    for s in protected:
+        cells.setdefault((method[id(s)], column(s)), []).append(s)
+    columns = sorted({name for _, name in cells}, key=lambda name: (name != "none", name))
+    rows = []
+    for row in method_order:
+        row_cells = {}
+        for name in columns:
+            members = cells.get((row, name), [])
+            if members:
+                reference = float(np.mean(clean[members[0]["recipe_key"]]))
+                percents = [100 * s["values"]["dsc_percent"] / reference for s in members]
+                row_cells[name] = {"mean": float(np.mean(percents)), "min": min(percents), "max": max(percents),
+                                   "results": len(members), "clean_dsc_percent": reference}
+        rows.append({"method": row, "cells": row_cells})
+    return {"columns": columns, "rows": rows}
+
+
+def _countermeasure_markdown(matrix: dict) -> str:
+    """The countermeasure matrix (see _countermeasure_matrix) as a Markdown section."""
+    lines = [[row["method"], *(f"{row['cells'][name]['mean']:.2f}" if name in row["cells"] else "-"
+                               for name in matrix["columns"])] for row in matrix["rows"]]
+    clean = [f"{name}: " + " / ".join(sorted({f"{row['cells'][name]['clean_dsc_percent']:.2f}%"
+                                              for row in matrix["rows"] if name in row["cells"]}))
+             for name in matrix["columns"]]
+    note = (
+        "Victim DSC as % of the clean victim's DSC under the same countermeasure and recipe (mean over seeds; "
+        f"victim {MAIN_VICTIM} unless the column names the slice-wise 2D victim); methods as in Table 1. "
+        f"Clean victims' DSC: {'; '.join(clean)}. Below 100: the copy still costs the victim accuracy after the "
+        "exploiter's step; about 100: the step removed the protection (or there was none)."
+    )
+    return "\n".join([f"## {COUNTERMEASURE_TITLE}", "", markdown_table(["method", *matrix["columns"]], lines), "",
+                      note, ""])
 
 
 def _eps_text(eps: float) -> str:
@@ -534,7 +610,7 @@ def tables(results: list[dict]) -> str:
         results: as returned by collect_results.
     """
     summaries = [_summary(result) for result in results]
-    return _render(_paper_tables(summaries), _frontier(summaries))
+    return _render(_paper_tables(summaries), _frontier(summaries), _countermeasure_matrix(summaries))
 
 
 def write_report(paths: str | os.PathLike | Sequence[str | os.PathLike], output_dir: str | os.PathLike) -> dict:
@@ -553,7 +629,7 @@ def write_report(paths: str | os.PathLike | Sequence[str | os.PathLike], output_
     """
     results = collect_results(paths)
     summaries = [_summary(result) for result in results]
-    built, frontier = _paper_tables(summaries), _frontier(summaries)
+    built, frontier, matrix = _paper_tables(summaries), _frontier(summaries), _countermeasure_matrix(summaries)
     report = {
         "format": REPORT_FORMAT,
         "sources": [result["source"] for result in results],
@@ -564,10 +640,12 @@ def write_report(paths: str | os.PathLike | Sequence[str | os.PathLike], output_
     }
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
+    if matrix["rows"]:
+        report["countermeasures"] = {"title": COUNTERMEASURE_TITLE, **matrix}
     if frontier:
         report["frontier"] = {"title": FRONTIER_TITLE, "rows": frontier}
         frontier_figure(frontier, output / FRONTIER_FIGURE)
-    write_atomic(output / TABLES_NAME, _render(built, frontier).encode())
+    write_atomic(output / TABLES_NAME, _render(built, frontier, matrix).encode())
     write_atomic(output / REPORT_NAME, json.dumps(report, indent=1).encode())
     return report
 

@@ -18,7 +18,8 @@ CHANGE_HU = 6
 
 
 def results_file(folder, method="clean", victim="unet", dataset="FLARE21", dice=0.8, hd95=5.0, psnr=None,
-                 ssim=None, training=None, test_cases=3, epochs=100, eps=4 / 255, fitted=True, mask_roi=True, seed=0):
+                 ssim=None, training=None, test_cases=3, epochs=100, eps=4 / 255, fitted=True, mask_roi=True, seed=0,
+                 countermeasure=None):
     """A results.json as custom.evaluate writes it, with only the fields the report reads filled in
     (``fitted=False``: a training-free method, no checkpoint)."""
     protection = None if method == "clean" else {
@@ -30,7 +31,8 @@ def results_file(folder, method="clean", victim="unet", dataset="FLARE21", dice=
         "run": {"victim": victim, "train_data": "/data/train", "test_data": "/data/test", "dataset_name": dataset,
                 "method": method, "train_cases": 5, "test_cases": [f"case_{i}" for i in range(test_cases)]},
         "protection": protection,
-        "recipe": {"victim": victim, "epochs": epochs, "iterations": 4 * epochs, "augmentation": False, "seed": seed},
+        "recipe": {"victim": victim, "epochs": epochs, "iterations": 4 * epochs, "augmentation": False, "seed": seed,
+                   "countermeasure": countermeasure},
         "metrics": {"aggregate": {"regions": {}, "mean_dice": dice, "mean_hd95_mm": hd95,
                                   "empty_prediction_cases": 0, "cases": test_cases}, "cases": []},
         "imperceptibility": None if psnr is None else {"aggregate": {
@@ -246,6 +248,34 @@ def test_other_settings_leave_the_paper_tables_for_table_4(tmp_path):
     assert table4["voxshield: full; eps 0.06275, roi_dilation 2, 50 epochs"]["FLARE21 DSC (%)"] == "40.00"
     assert table4["voxshield: w/o L_SPD; surrogate_steps 0, 50 epochs"]["FLARE21 DSC (%)"] == "30.00"
     assert "defaults: eps 0.01569, roi_dilation 0, squash tanh" in markdown
+
+
+def test_countermeasure_matrix(tmp_path):
+    """Each cell: the victim's DSC over the clean victim's under the same countermeasure; countermeasure
+    runs stay out of Tables 1-4."""
+    root = tmp_path / "runs"
+    results_file(root / "clean", dice=0.80)
+    results_file(root / "clean_z", dice=0.60, countermeasure="z_smooth")
+    results_file(root / "clean_2d", victim="slice2d", dice=0.50)
+    results_file(root / "vox", "voxshield", dice=0.40, training=full())
+    results_file(root / "vox_z0", "voxshield", dice=0.45, training=full(), countermeasure="z_smooth")
+    results_file(root / "vox_z1", "voxshield", dice=0.57, training=full(), countermeasure="z_smooth", seed=1)
+    results_file(root / "vox_2d", "voxshield", victim="slice2d", dice=0.25, training=full())
+    results_file(root / "lsp_z", "lsp", dice=0.30, countermeasure="z_smooth", fitted=False)
+    markdown = report.tables(report.collect_results(root))
+
+    matrix = markdown_rows(markdown, "Countermeasures")
+    assert list(matrix) == ["lsp", "voxshield"]
+    assert matrix["voxshield"] == {"method": "voxshield", "none": "50.00", "slice2d victim": "50.00",
+                                   "z_smooth": f"{100 * 0.51 / 0.60:.2f}"}
+    assert matrix["lsp"] == {"method": "lsp", "none": "-", "slice2d victim": "-", "z_smooth": "50.00"}
+    table1 = markdown_rows(markdown, "Table 1")
+    assert table1["voxshield"]["FLARE21 DSC (%)"] == "40.00" and table1["clean"]["FLARE21 DSC (%)"] == "80.00"
+    assert "lsp" not in table1
+
+
+def test_no_countermeasure_matrix_without_countermeasures(results_dir):
+    assert "Countermeasures" not in report.tables(report.collect_results(results_dir))
 
 
 def test_networks_other_than_train_json_leave_the_paper_tables(tmp_path):
