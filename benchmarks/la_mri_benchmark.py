@@ -27,7 +27,8 @@ files name paths relative to the repository (../shared/data/la_mri) and the inte
 whose output already exists (a protected copy with its manifest, a results.json) is skipped and
 listed as reused, so a grid can be split over several invocations.
 
-    python benchmarks/la_mri_benchmark.py [--runs full,no_spd,no_isc,em,...] [--victims unet,...]
+    python benchmarks/la_mri_benchmark.py [--runs full,no_spd,no_isc,em,...] [--victims unet,...] \
+        [--countermeasures none,z_smooth,nnunet_aug,...]
 """
 
 from __future__ import annotations
@@ -244,28 +245,30 @@ def protect_run(steps: Steps, options: argparse.Namespace, run: str, method: str
     return protected
 
 
-def victim_results(results: Path, run: str, victim: str, seed: int) -> Path:
+def victim_results(results: Path, run: str, victim: str, seed: int, countermeasure: str | None = None) -> Path:
     """The result folder of ``victim`` (seed ``seed``) trained on run ``run``: RUN, RUN_VICTIM for
-    another victim than the UNet, with _seedN for another seed than 0."""
-    folder = run if victim == "unet" else f"{run}_{victim}"
+    another victim than the UNet, RUN_COUNTERMEASURE for a victim trained after an exploiter's step
+    (evaluate's --countermeasure), with _seedN for another seed than 0."""
+    folder = "_".join([run] + ([victim] if victim != "unet" else []) + ([countermeasure] if countermeasure else []))
     return results / (folder if seed == 0 else f"{folder}_seed{seed}")
 
 
 def victim_run(steps: Steps, options: argparse.Namespace, run: str, method: str, train_dir: Path, victim: str,
-               seed: int) -> Path:
+               seed: int, countermeasure: str | None = None) -> Path:
     """
-    Train ``victim`` (evaluate.json's recipe for --victim_epochs, seed ``seed``, with --victim_args) on
-    ``train_dir`` and score it on the clean test cases of --data (skipped under --resume when its
-    results.json exists).
+    Train ``victim`` (evaluate.json's recipe for --victim_epochs, seed ``seed``, with --victim_args,
+    after ``countermeasure`` when given) on ``train_dir`` and score it on the clean test cases of
+    --data (skipped under --resume when its results.json exists).
 
     Returns:
         the results.json.
     """
-    output = victim_results(Path(options.results_dir), run, victim, seed)
-    steps.run(f"{victim} victim (seed {seed}) on {run}", bundle(
+    output = victim_results(Path(options.results_dir), run, victim, seed, countermeasure)
+    step = ["--countermeasure", countermeasure] if countermeasure else []
+    steps.run(f"{victim} victim (seed {seed}{', ' + countermeasure if countermeasure else ''}) on {run}", bundle(
         "evaluate", "--train_dir", str(train_dir), "--test_dir", str(options.data), "--epochs",
         str(options.victim_epochs), "--victim", victim, "--seed", str(seed), "--method", method,
-        "--output_dir", str(output), *shlex.split(options.victim_args)), output / "results.json")
+        "--output_dir", str(output), *step, *shlex.split(options.victim_args)), output / "results.json")
     return output / "results.json"
 
 
@@ -290,6 +293,8 @@ def main() -> None:
     parser.add_argument("--runs", default=",".join(PROTOCOL),
                         help="comma-separated, from " + ",".join(RUNS) + '; "" trains the clean victims only')
     parser.add_argument("--victims", default="unet", help="comma-separated victims (evaluate.json --victim)")
+    parser.add_argument("--countermeasures", default="none",
+                        help="comma-separated evaluate.json --countermeasure values each victim is trained after; none: no step")
     options = parser.parse_args()
     runs = [run for run in options.runs.split(",") if run]  # --runs "": the clean victims alone
     unknown = [run for run in runs if run not in RUNS]
@@ -297,15 +302,16 @@ def main() -> None:
         parser.error(f"unknown run(s) {', '.join(unknown)}; choose from {', '.join(RUNS)}")
 
     steps = start(options)
-    victims = [(name, seed) for name in options.victims.split(",") for seed in seeds(options)]
+    steps_before = [None if step == "none" else step for step in options.countermeasures.split(",")]
+    victims = [(name, seed, step) for name in options.victims.split(",") for step in steps_before for seed in seeds(options)]
     if not options.skip_clean:
-        for name, seed in victims:
-            victim_run(steps, options, "clean", "clean", steps.data, name, seed)
+        for name, seed, step in victims:
+            victim_run(steps, options, "clean", "clean", steps.data, name, seed, step)
     for run in runs:
         method, training_only, perturbation = RUNS[run]
         protected = protect_run(steps, options, run, method, training_only, perturbation)
-        for name, seed in victims:
-            victim_run(steps, options, run, method, protected, name, seed)
+        for name, seed, step in victims:
+            victim_run(steps, options, run, method, protected, name, seed, step)
     report_run(steps, options, runs)
     print(json.dumps(steps.summary()["steps"], indent=1))
 
