@@ -19,6 +19,7 @@ where things go: TensorBoard logs default to CKPT/logs (not <bundle>/eval), and 
 (whose bundle folder is read-only site-packages) needs the folders given explicitly.
 """
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -219,7 +220,8 @@ class VoxShield:
         if code:
             sys.exit(code)
 
-    def regrid(self, source=None, output=None, grid=160, normalisation="zscore", layout="auto", lists=("training", "test")):
+    def regrid(self, source=None, output=None, grid=160, normalisation="zscore", layout="auto",
+               lists=("training", "test")):
         """
         Write a copy of a labelled dataset in the authors' evaluation form: an MSD dataset whose volumes are
         all resized to GRID^3 (trilinear images, nearest-neighbour labels, the physical extent kept) and whose
@@ -229,18 +231,20 @@ class VoxShield:
             source: the labelled dataset (MSD, nnU-Net v2, BraTS19 or FLARE21 layout); only read.
             output: the new dataset folder; must not exist nor be inside the source.
             grid: the cube's size (160 in the authors' code), or "[H,W,D]".
-            normalisation: zscore (mean +- 5 std of the non-zero voxels, the authors' mapping), mri, ct or auto.
+            normalisation: zscore (mean +- 5 std of the non-zero voxels, the authors' mapping), mri, ct, none or auto.
             layout: auto, msd, nnunetv2, brats or flare.
             lists: the dataset.json lists to copy, e.g. "['training']"; each case keeps its list.
         """
+        from custom.data import REGRID_RECORD
         from custom.regrid import regrid_dataset
 
         if source is None or output is None:
             raise CLIError("regrid needs --source DATA and --output OUT.")
-        written = regrid_dataset(
-            Path(str(source)), Path(str(output)), grid, str(normalisation), str(layout), [str(name) for name in lists]
-        )
-        print(f"voxshield: wrote {written}")
+        lists = [lists] if isinstance(lists, str) else [str(name) for name in lists]  # fire: --lists training
+        written = regrid_dataset(Path(str(source)), Path(str(output)), grid, str(normalisation), str(layout), lists)
+        record = json.loads((written / "dataset.json").read_text())[REGRID_RECORD]
+        left_out = len(record["unlabelled_images_left_out"])
+        print(f"voxshield: wrote {written}" + (f"; left out {left_out} unlabelled image(s)" if left_out else ""))
 
     def export(self, ckpt_dir=None, output=None, bundle="flare", url="", overwrite=False):
         """

@@ -156,7 +156,8 @@ def validation_split(spec: DatasetSpec, fraction: float, seed: int) -> tuple[Dat
     count = max(1, round(fraction * len(spec.cases)))
     if count >= len(spec.cases):
         raise VoxShieldInputError(
-            f"{spec.root}: {len(spec.cases)} training case(s) cannot give {count} validation case(s) and keep one to train on."
+            f"{spec.root}: {len(spec.cases)} training case(s) cannot give {count} validation case(s) "
+            "and keep one to train on."
         )
     ids = [case.case_id for case in spec.cases]
     held_out = partition_dataset(ids, ratios=[len(ids) - count, count], shuffle=True, seed=seed)[1]
@@ -190,11 +191,11 @@ def _markdown(results: dict) -> str:
             ["PSNR volume (dB)", "PSNR ROI (dB)", "SSIM volume", "SSIM ROI", "voxels perturbed"],
             [[_number(seen["aggregate"][key], digits) for key, digits in columns]],
         )]
-    best = results.get("metrics_best_on_protected_validation")
+    best, validation = results.get("metrics_best_on_protected_validation"), results.get("validation")
     if best:
         lines += ["", f"The table scores the last epoch's weights. Best epoch on the validation split "
-                      f"({len(results['validation']['cases'])} training cases): {best['epoch']}, "
-                      f"{results['validation']['metric']} {best['validation_score']:.4f}; its test mean DSC {_number(best['aggregate']['mean_dice'], 4)}, "
+                      f"({len(validation['cases'])} training cases): {best['epoch']}, {validation['metric']} "
+                      f"{best['validation_score']:.4f}; its test mean DSC {_number(best['aggregate']['mean_dice'], 4)}, "
                       f"HD95 {_number(best['aggregate']['mean_hd95_mm'], 2)} mm."]
     recipe = results["recipe"]
     lines += ["", f"Recipe: {json.dumps(recipe)}; wall time {results['wall_time_s']['total']:.0f} s."]

@@ -29,6 +29,7 @@ from custom.data import (
     DEFAULT_CT_WINDOW,
     DEFAULT_MRI_PERCENTILES,
     REGRID_RECORD,
+    Case,
     DatasetSpec,
     fit_scaling,
     load_case,
@@ -39,10 +40,10 @@ from custom.nifti_io import VoxShieldInputError, load_nifti
 from custom.protect import check_output_location
 from custom.provenance import software_versions
 
-# Trilinear image resampling, Gaussian-smoothed first along the axes that shrink (MONAI's anti-aliasing);
-# labels take the nearest source voxel whose centre is nearest: "nearest-exact" follows the same
-# half-voxel convention as the trilinear resize and the affine below, where torch's "nearest" is shifted
-# by up to half a source voxel.
+# Trilinear image resampling, Gaussian-smoothed first along the axes that shrink (MONAI's anti-aliasing).
+# Each label voxel takes the source voxel whose centre is nearest to its own: "nearest-exact" follows the
+# half-voxel convention of the trilinear resize and of regridded_affine, where torch's "nearest" is
+# shifted by up to half a source voxel.
 IMAGE_MODE = "trilinear"
 LABEL_MODE = "nearest-exact"
 
@@ -80,14 +81,8 @@ def _case_lists(spec: DatasetSpec, lists: Sequence[str]) -> dict[str, str]:
     return {case.case_id: list_of_image[case.images[0]] for case in spec.cases}
 
 
-def _check_source(spec: DatasetSpec) -> None:
-    """Every image must have a label (the copy is resized and checked case by case), and case ids name
-    the written files, so they must be unique."""
-    if spec.unlabelled_images:
-        raise VoxShieldInputError(
-            f"{spec.root / spec.unlabelled_images[0]}: image without a label; regrid copies labelled cases only "
-            "(choose the lists with labels, e.g. --lists \"['training']\")."
-        )
+def _check_case_ids(spec: DatasetSpec) -> None:
+    """Case ids name the written files, so they must be unique."""
     seen = set()
     for case in spec.cases:
         if case.case_id in seen:
@@ -95,7 +90,7 @@ def _check_source(spec: DatasetSpec) -> None:
         seen.add(case.case_id)
 
 
-def _write_case(spec: DatasetSpec, case, grid: tuple[int, int, int], folder: Path) -> dict:
+def _write_case(spec: DatasetSpec, case: Case, grid: tuple[int, int, int], folder: Path) -> dict:
     """
     Resize one case to ``grid`` and write it into ``folder``; the images are normalised after resizing,
     as in the authors' code.
@@ -155,10 +150,12 @@ def regrid_dataset(
         source: the labelled dataset (MSD, nnU-Net v2, BraTS19 or FLARE21 layout).
         output: the new dataset folder; must not exist, nor be inside ``source`` (or hold it).
         grid: one size for a cube, or 3 sizes.
-        normalisation: ``zscore`` (default), ``mri``, ``ct`` or ``auto``, as in custom.data.open_dataset.
+        normalisation: ``zscore`` (default), ``mri``, ``ct``, ``none`` (values already in [0, 1], e.g. a
+            regridded copy) or ``auto``, as in custom.data.open_dataset.
         layout: as in custom.data.open_dataset.
         lists: the MSD dataset.json lists to copy (each case keeps its list); other layouts put every
-            case in ``training``.
+            case in ``training``. Images without a label (nothing can score them) are left out and
+            listed in the provenance record.
         ct_window, mri_percentiles: as in custom.data.open_dataset.
 
     Returns:
@@ -167,17 +164,18 @@ def regrid_dataset(
     Raises:
         VoxShieldInputError: naming the file or folder, for bad input, a bad grid or output location.
     """
-    sizes = (int(grid),) * 3 if np.isscalar(grid) else tuple(int(size) for size in grid)
+    try:
+        sizes = (int(grid),) * 3 if np.isscalar(grid) else tuple(int(size) for size in grid)
+    except (TypeError, ValueError):
+        sizes = ()
     if len(sizes) != 3 or min(sizes) < 1:
         raise VoxShieldInputError(f"{source}: grid must be one positive size or 3 of them, got {grid!r}.")
     spec = open_dataset(source, layout, normalisation, ct_window, mri_percentiles, lists)
-    if "none" in spec.normalisation:
-        raise VoxShieldInputError(f"{spec.root}: already normalised to [0, 1]; give regrid the original dataset.")
     target = Path(output).expanduser().resolve()
     check_output_location(spec.root, target)
     if target.exists():
         raise VoxShieldInputError(f"{target}: output folder exists; regrid writes a new folder only.")
-    _check_source(spec)
+    _check_case_ids(spec)
     membership = _case_lists(spec, lists)
 
     temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
@@ -205,6 +203,7 @@ def regrid_dataset(
                 "image_interpolation": f"{IMAGE_MODE}, anti-aliased (MONAI Resize)",
                 "label_interpolation": f"{LABEL_MODE} (MONAI Resize)",
                 "cases": cases,
+                "unlabelled_images_left_out": spec.unlabelled_images,
                 "software": software_versions(),
             },
         }

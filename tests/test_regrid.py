@@ -105,9 +105,8 @@ def test_regrid_refuses_bad_requests_without_output(tmp_path, capsys):
         regrid_dataset(source, tmp_path / "taken", GRID)
     with pytest.raises(VoxShieldInputError, match=r"grid must be one positive size or 3 of them, got \[20, 20\]"):
         regrid_dataset(source, tmp_path / "grid", [20, 20])
-    unlabelled = cube_dataset(tmp_path / "unlabelled", test_entries=["./imagesTr/b.nii.gz"])
-    with pytest.raises(VoxShieldInputError, match=r"imagesTr/b.nii.gz: image without a label"):
-        regrid_dataset(unlabelled, tmp_path / "grid", GRID)
+    with pytest.raises(VoxShieldInputError, match=r"grid must be one positive size or 3 of them, got 'big'"):
+        regrid_dataset(source, tmp_path / "grid", "big")
 
     assert digests(source) == before
 
@@ -119,7 +118,16 @@ def test_regrid_refuses_bad_requests_without_output(tmp_path, capsys):
     error = capsys.readouterr().err.strip()
     assert status == 1 and len(error.splitlines()) == 1
     assert error.startswith(f"voxshield: error: {damaged}: corrupt NIfTI")
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["cubes", "taken", "unlabelled"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["cubes", "taken"]
+
+
+def test_unlabelled_images_are_left_out_and_recorded(tmp_path, capsys):
+    source = cube_dataset(tmp_path / "cubes", test_entries=["./imagesTr/b.nii.gz"])
+    assert run_cli("regrid", "--source", str(source), "--output", str(tmp_path / "grid"), "--grid", "16") == 0
+    assert capsys.readouterr().out.strip().endswith("left out 1 unlabelled image(s)")
+    meta = json.loads((tmp_path / "grid" / "dataset.json").read_text())
+    assert "test" not in meta and meta["voxshield_regrid"]["unlabelled_images_left_out"] == ["imagesTr/b.nii.gz"]
+    assert sorted(path.name for path in (tmp_path / "grid" / "imagesTr").iterdir()) == ["a.nii.gz"]
 
 
 def test_normalisation_none_takes_unit_values_and_refuses_others(tmp_path):
@@ -129,6 +137,8 @@ def test_normalisation_none_takes_unit_values_and_refuses_others(tmp_path):
         load_case(spec, spec.cases[0])
     grid = open_dataset(regrid_dataset(source, tmp_path / "grid", GRID))
     assert grid.normalisation == ["none"]  # "auto" reads a regridded copy as it is
+    again = open_dataset(regrid_dataset(grid.root, tmp_path / "again", 12, normalisation="none"))  # e.g. a coarser grid
+    assert nib.load(again.root / again.cases[0].images[0]).shape == (12, 12, 12)
     loaded = load_case(grid, grid.cases[0])
     stored = nib.load(grid.root / grid.cases[0].images[0]).get_fdata()
     assert np.array_equal(loaded.image[0], stored) and loaded.offsets.tolist() == [0.0] and loaded.scales.tolist() == [1.0]
