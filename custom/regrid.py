@@ -104,8 +104,12 @@ def _write_case(spec: DatasetSpec, case: Case, grid: tuple[int, int, int], folde
     resized = Resize(grid, mode=IMAGE_MODE, anti_aliasing=True)(torch.as_tensor(loaded.image, dtype=torch.float32))
     resized = resized.numpy().astype(np.float64)
     label = Resize(grid, mode=LABEL_MODE)(torch.as_tensor(loaded.label[None], dtype=torch.float32))[0].numpy()
-    scaling = [fit_scaling(values, kind, spec) for values, kind in zip(resized, spec.normalisation)]
-    offsets, scales = (np.array(values) for values in zip(*scaling))
+    # "none" was checked on the source by load_case; resizing steps past [0, 1] by rounding only, which normalise clips
+    scaling = [
+        (offset, scale) if kind == "none" else fit_scaling(values, kind, spec)
+        for values, kind, offset, scale in zip(resized, spec.normalisation, loaded.offsets, loaded.scales)
+    ]
+    offsets, scales = (np.array(values, dtype=np.float64) for values in zip(*scaling))
     image = np.moveaxis(normalise(resized, offsets, scales), 0, -1)  # (H, W, D, C) as NIfTI stores channels
     affine = regridded_affine(label_image.affine, loaded.label.shape, grid)
     label_dtype = np.uint8 if loaded.label.max() <= np.iinfo(np.uint8).max else np.int16
