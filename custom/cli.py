@@ -7,6 +7,7 @@ installed package (``pip install .``), the Docker image and an exported model-zo
     voxshield evaluate --bundle flare --train_dir TRAIN --test_dir CLEAN --output_dir RESULTS [...]
     voxshield report   --bundle flare --results "['RESULTS']" --output_dir REPORT [...]
     voxshield verify   --source DATA --protected OUT
+    voxshield regrid   --source DATA --output OUT --grid 160 [--normalisation zscore]
     voxshield export   --bundle flare --ckpt_dir CKPT --output voxshield_flare.zip
 
 train, protect, evaluate and report run the bundle's workflow (its configs/bundle.json, then the
@@ -18,6 +19,7 @@ where things go: TensorBoard logs default to CKPT/logs (not <bundle>/eval), and 
 (whose bundle folder is read-only site-packages) needs the folders given explicitly.
 """
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -80,7 +82,7 @@ class VoxShield:
     VoxShield: train the noise generator, publish a protected ("unlearnable") copy of a 3D segmentation
     dataset, evaluate it, report on it, verify it and export the bundle to the MONAI model zoo.
 
-    Commands: protect, train, evaluate, report, verify, export; `voxshield COMMAND --help` for each.
+    Commands: protect, train, evaluate, report, verify, regrid, export; `voxshield COMMAND --help` for each.
     Every command that runs a workflow takes --bundle flare (abdominal CT, the default) or brats
     (multi-parametric brain MRI), and passes any extra --key value on as a bundle config override
     (e.g. --epochs 30, --eps 0.0157, --patch_size "[64,64,32]", "--generator_def#channels" "[16,32,64,128]").
@@ -217,6 +219,32 @@ class VoxShield:
         code = print_verdict(failures, cases, Path(str(source)), Path(str(protected)))
         if code:
             sys.exit(code)
+
+    def regrid(self, source=None, output=None, grid=160, normalisation="zscore", layout="auto",
+               lists=("training", "test")):
+        """
+        Write a copy of a labelled dataset in the authors' evaluation form: an MSD dataset whose volumes are
+        all resized to GRID^3 (trilinear images, nearest-neighbour labels, the physical extent kept) and whose
+        images are float32 in [0, 1]; protect, evaluate and report read it with normalisation "none".
+
+        Args:
+            source: the labelled dataset (MSD, nnU-Net v2, BraTS19 or FLARE21 layout); only read.
+            output: the new dataset folder; must not exist nor be inside the source.
+            grid: the cube's size (160 in the authors' code), or "[H,W,D]".
+            normalisation: zscore (mean +- 5 std of the non-zero voxels, the authors' mapping), mri, ct, none or auto.
+            layout: auto, msd, nnunetv2, brats or flare.
+            lists: the dataset.json lists to copy, e.g. "['training']"; each case keeps its list.
+        """
+        from custom.data import REGRID_RECORD
+        from custom.regrid import regrid_dataset
+
+        if source is None or output is None:
+            raise CLIError("regrid needs --source DATA and --output OUT.")
+        lists = [lists] if isinstance(lists, str) else [str(name) for name in lists]  # fire: --lists training
+        written = regrid_dataset(Path(str(source)), Path(str(output)), grid, str(normalisation), str(layout), lists)
+        record = json.loads((written / "dataset.json").read_text())[REGRID_RECORD]
+        left_out = len(record["unlabelled_images_left_out"])
+        print(f"voxshield: wrote {written}" + (f"; left out {left_out} unlabelled image(s)" if left_out else ""))
 
     def export(self, ckpt_dir=None, output=None, bundle="flare", url="", overwrite=False):
         """

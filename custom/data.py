@@ -24,9 +24,11 @@ DEFAULT_CT_WINDOW = (-175.0, 250.0)
 # Robust MRI range: percentiles of the non-zero voxels.
 DEFAULT_MRI_PERCENTILES = (0.5, 99.5)
 AFFINE_TOLERANCE_MM = 1e-3
-NORMALISATIONS = ("auto", "ct", "mri", "zscore")
+NORMALISATIONS = ("auto", "ct", "mri", "zscore", "none")
 # The authors' code z-scores, clips to +-5 standard deviations and maps that range to [0, 1].
 ZSCORE_CLIP = 5.0
+# dataset.json key of a copy written by custom.regrid: its intensities are already in [0, 1].
+REGRID_RECORD = "voxshield_regrid"
 
 
 @dataclass
@@ -49,7 +51,7 @@ class DatasetSpec:
         cases: labelled cases.
         channel_names: one modality name per input channel.
         labels: label value -> name, background included.
-        normalisation: ``"ct"`` or ``"mri"`` per channel.
+        normalisation: ``"ct"``, ``"mri"``, ``"zscore"`` or ``"none"`` per channel.
         dataset_json: relative path of the dataset.json, if the layout has one.
         ct_window, mri_percentiles: see open_dataset.
         unlabelled_images: images without a label (copied, never protected).
@@ -185,9 +187,10 @@ def open_dataset(
     Args:
         dataset_dir: dataset root.
         layout: ``auto`` (detect), ``msd``, ``nnunetv2``, ``brats`` or ``flare``.
-        normalisation: ``auto`` (CT window for channels named CT, MRI percentiles otherwise, from the
-            dataset.json or the layout), or ``ct`` / ``mri`` / ``zscore`` (mean +- 5 std of the
-            non-zero voxels, as in the authors' code) for every channel.
+        normalisation: ``auto`` (``none`` for a copy written by custom.regrid, else the CT window for
+            channels named CT and MRI percentiles otherwise, from the dataset.json or the layout), or
+            ``ct`` / ``mri`` / ``zscore`` (mean +- 5 std of the non-zero voxels, as in the authors'
+            code) / ``none`` (intensities already in [0, 1], taken as they are) for every channel.
         ct_window: HU window mapped to [0, 1] for CT channels.
         mri_percentiles: percentiles of the non-zero voxels mapped to 0 and 1 for MRI channels.
         lists: the MSD dataset.json lists whose labelled entries are used (e.g. only "training" to
@@ -204,11 +207,12 @@ def open_dataset(
     if normalisation not in NORMALISATIONS:
         raise VoxShieldInputError(f"{root}: unknown normalisation {normalisation!r}; expected one of {NORMALISATIONS}.")
     layout = detect_layout(root) if layout == "auto" else layout
-    dataset_json, unlabelled, name = None, [], root.name
+    dataset_json, unlabelled, name, regridded = None, [], root.name, False
     if layout in ("msd", "nnunetv2"):
         dataset_json = "dataset.json"
         meta = _read_json(root / dataset_json)
         name = str(meta.get("name", name))
+        regridded = REGRID_RECORD in meta
         try:
             cases, channels, labels, unlabelled = _msd(root, meta, lists) if layout == "msd" else _nnunetv2(root, meta)
         except (KeyError, TypeError, ValueError) as error:
@@ -223,6 +227,8 @@ def open_dataset(
         raise VoxShieldInputError(f"{root}: no labelled cases found in the {layout} layout.")
     if 0 not in labels:
         labels[0] = "background"
+    if normalisation == "auto" and regridded:  # normalising [0, 1] values again would change the bound's scale
+        normalisation = "none"
     kinds = [_normalisation_for(name) if normalisation == "auto" else normalisation for name in channels]
     return DatasetSpec(
         root, layout, cases, channels, labels, kinds, dataset_json,
@@ -274,9 +280,22 @@ def _channel_arrays(spec: DatasetSpec, case: Case, label_shape, label_affine) ->
     return arrays
 
 
-def fit_scaling(values: np.ndarray, kind: str, spec: DatasetSpec) -> tuple[float, float]:
+def fit_scaling(values: np.ndarray, kind: str, spec: DatasetSpec, source: Path | str = "") -> tuple[float, float]:
     """Offset and scale that map a channel's source units to [0, 1]: the CT window; the MRI percentiles
-    of the non-zero voxels; or ("zscore", the authors' code) mean +- 5 standard deviations of them."""
+    of the non-zero voxels; ("zscore", the authors' code) mean +- 5 standard deviations of them; or
+    ("none") 0 and 1 for values already in [0, 1].
+
+    Raises:
+        VoxShieldInputError: naming ``source`` (the channel's file) when ``kind`` is ``none`` and a value
+            lies outside [0, 1].
+    """
+    if kind == "none":
+        if values.min() < 0 or values.max() > 1:
+            raise VoxShieldInputError(
+                f"{source}: intensities span [{values.min():.6g}, {values.max():.6g}], not [0, 1], "
+                "so normalisation 'none' cannot take them as they are."
+            )
+        return 0.0, 1.0
     if kind == "ct":
         return float(spec.ct_window[0]), float(spec.ct_window[1] - spec.ct_window[0])
     foreground = values[values != 0]
@@ -312,7 +331,11 @@ def load_case(spec: DatasetSpec, case: Case, allow_empty_label: bool = False) ->
     if not allow_empty_label and not (label > 0).any():
         raise VoxShieldInputError(f"{label_path}: label is empty (no foreground), so there is no ROI to protect.")
     channels = _channel_arrays(spec, case, label_image.shape, label_image.affine)
-    scaling = [fit_scaling(values, kind, spec) for values, kind in zip(channels, spec.normalisation)]
+    files = case.images if len(case.images) > 1 else case.images * len(channels)  # the file of each channel
+    scaling = [
+        fit_scaling(values, kind, spec, spec.root / name)
+        for values, kind, name in zip(channels, spec.normalisation, files)
+    ]
     offsets, scales = (np.array(values) for values in zip(*scaling))
     return LoadedCase(np.stack(channels), label, offsets, scales, label_image.affine)
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
-from monai.data import MetaTensor
+from ignite.engine import Events
+from monai.data import MetaTensor, partition_dataset
 from tqdm import tqdm
 
 from custom.data import BRATS_LABELS, DatasetSpec, load_case, normalise, open_dataset
@@ -112,6 +113,60 @@ def held_out_split(
     return train, test
 
 
+def recipe_settings(recipes: dict[str, dict], name: str) -> dict:
+    """The settings of the victim recipe ``name`` (configs/evaluate.json ``recipes``), or a ValueError
+    listing the recipes."""
+    if name not in recipes:
+        raise ValueError(f"unknown recipe_name {name!r}; choose one of {', '.join(recipes)}.")
+    return recipes[name]
+
+
+def whole_volume_size(spec: DatasetSpec) -> list[int]:
+    """
+    The one spatial shape of every case of ``spec`` (from the label headers), for recipes that train on
+    whole volumes in batches.
+
+    Raises:
+        VoxShieldInputError: naming the first label whose shape differs (regrid the dataset first).
+    """
+    shapes = {case.label: tuple(nib.load(spec.root / case.label).shape[:3]) for case in spec.cases}
+    first = next(iter(shapes.values()))
+    for name, shape in shapes.items():
+        if shape != first:
+            raise VoxShieldInputError(
+                f"{spec.root / name}: shape {shape} differs from {first}; whole-volume training needs one grid "
+                "(voxshield regrid writes such a copy)."
+            )
+    return list(first)
+
+
+def validation_split(spec: DatasetSpec, fraction: float, seed: int) -> tuple[DatasetSpec, DatasetSpec]:
+    """
+    Hold out a validation part of the victim's training cases (of the data it trains on, so protected
+    when that is a protected copy).
+
+    Args:
+        spec: the training cases (test cases already removed, see held_out_split).
+        fraction: share of the cases held out, rounded to the nearest count and at least one when
+            positive; 0 holds out nothing.
+        seed: seeds the shuffle (monai.data.partition_dataset) that chooses them.
+
+    Returns:
+        (cases to fit on, validation cases), both in ``spec``'s order.
+    """
+    if not fraction:
+        return spec, _only(spec, set())
+    count = max(1, round(fraction * len(spec.cases)))
+    if count >= len(spec.cases):
+        raise VoxShieldInputError(
+            f"{spec.root}: {len(spec.cases)} training case(s) cannot give {count} validation case(s) "
+            "and keep one to train on."
+        )
+    ids = [case.case_id for case in spec.cases]
+    held_out = partition_dataset(ids, ratios=[len(ids) - count, count], shuffle=True, seed=seed)[1]
+    return _only(spec, set(ids) - set(held_out)), _only(spec, set(held_out))
+
+
 def _number(value: float | None, digits: int) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
@@ -139,6 +194,12 @@ def _markdown(results: dict) -> str:
             ["PSNR volume (dB)", "PSNR ROI (dB)", "SSIM volume", "SSIM ROI", "voxels perturbed"],
             [[_number(seen["aggregate"][key], digits) for key, digits in columns]],
         )]
+    best, validation = results.get("metrics_best_on_protected_validation"), results.get("validation")
+    if best:
+        lines += ["", f"The table scores the last epoch's weights. Best epoch on the validation split "
+                      f"({len(validation['cases'])} training cases): {best['epoch']}, {validation['metric']} "
+                      f"{best['validation_score']:.4f}; its test mean DSC {_number(best['aggregate']['mean_dice'], 4)}, "
+                      f"HD95 {_number(best['aggregate']['mean_hd95_mm'], 2)} mm."]
     recipe = results["recipe"]
     lines += ["", f"Recipe: {json.dumps(recipe)}; wall time {results['wall_time_s']['total']:.0f} s."]
     return "\n".join(lines) + "\n"
@@ -166,10 +227,21 @@ class VictimEvaluation:
         device: where the victim runs.
         method: the protection method the training data is expected to carry ("clean" for none);
             checked against its manifest before any training. None skips the check.
+        validation: the cases of ``train`` held out for validation (see validation_split), for a recipe
+            that chooses a checkpoint on them; None (or no cases) for one that keeps the last weights only.
+        validator: the evaluator that scores ``validation`` after each epoch (a MONAI evaluator attached
+            to the trainer by a ValidationHandler) and whose key metric picks the best epoch.
+        best_checkpoint: where the validator's CheckpointSaver writes the best epoch's weights (a flat
+            state dict of ``network``).
+
+    With a validator, results.json also holds "validation" (its cases and the key metric after each
+    epoch) and "metrics_best_on_protected_validation": the test scores of the best checkpoint, with
+    its epoch and validation score; "metrics" stays the last epoch's.
     """
 
     def __init__(self, train, test, network, inferer, output_dir, recipe: dict, device="cpu",
-                 method: str | None = None) -> None:
+                 method: str | None = None, validation: DatasetSpec | None = None, validator=None,
+                 best_checkpoint: str | None = None) -> None:
         self.train, self.test = train, test
         protection = self._protection()
         found = protection["method"] if protection else "clean"
@@ -179,6 +251,12 @@ class VictimEvaluation:
         self.output_dir = Path(output_dir)
         self.recipe = recipe
         self.device = torch.device(device)
+        self.validation = validation if validation is not None and validation.cases else None
+        self.validator = validator if self.validation else None
+        self.best_checkpoint = Path(best_checkpoint) if best_checkpoint else None
+        self.validation_curve: list[dict] = []
+        if self.validator is not None:
+            self.validator.add_event_handler(Events.COMPLETED, self._record_validation)
 
     def _imperceptibility(self) -> dict | None:
         if self.train.root == self.test.root:
@@ -214,6 +292,39 @@ class VictimEvaluation:
     def _protection(self) -> dict | None:
         return manifest_protection(self.train.root)
 
+    def _record_validation(self, validator) -> None:
+        """After each validation run: the trainer's epoch and the validator's key metric."""
+        score = validator.state.metrics[validator.state.key_metric_name]
+        self.validation_curve.append({"epoch": validator.state.epoch, "score": float(score)})
+
+    def _best_on_validation(self) -> dict:
+        """Test scores of the best validated checkpoint, with its epoch and validation score."""
+        state = torch.load(self.best_checkpoint, map_location=self.device, weights_only=True)
+        self.network.load_state_dict(state)
+        cases = score_cases(self.network, self.inferer, self.test, self.device)
+        return {
+            "epoch": self.validator.state.best_metric_epoch,
+            "validation_score": float(self.validator.state.best_metric),
+            "checkpoint": self.best_checkpoint.name,
+            "aggregate": aggregate(cases),
+            "cases": cases,
+        }
+
+    def _validation_results(self) -> dict:
+        """The validation split, its curve and the best checkpoint's test scores; nothing without a validator."""
+        if self.validator is None:
+            return {}
+        validation_ids = [case.case_id for case in self.validation.cases]
+        return {
+            "validation": {
+                "metric": self.validator.state.key_metric_name,
+                "cases": validation_ids,
+                "fitted_cases": [case.case_id for case in self.train.cases if case.case_id not in validation_ids],
+                "curve": self.validation_curve,
+            },
+            "metrics_best_on_protected_validation": self._best_on_validation(),
+        }
+
     def run(self, trainer) -> dict:
         """Train with ``trainer`` (a MONAI trainer over ``network``), evaluate, write the results."""
         start = time.perf_counter()
@@ -237,6 +348,7 @@ class VictimEvaluation:
             "protection": protection,
             "recipe": self.recipe,
             "metrics": {"aggregate": aggregate(cases), "cases": cases},
+            **self._validation_results(),
             "imperceptibility": self._imperceptibility(),
             "software": software_versions(),
             "hardware": hardware(),

@@ -65,7 +65,7 @@ def _rank_and_world_size() -> tuple[int, int]:
 
 
 # ---- the output folder ---------------------------------------------------------------------------
-def _check_output_location(source: Path, output: Path) -> None:
+def check_output_location(source: Path, output: Path) -> None:
     """Refuse an output folder inside the source dataset or holding it (both resolved paths)."""
     if output == source or source in output.parents:
         raise VoxShieldInputError(f"{output}: output folder is inside the input dataset {source}.")
@@ -321,7 +321,7 @@ class DatasetProtector:
     def run(self) -> dict | None:
         """Protect every case (sharded across ranks); returns the manifest on rank 0 (None on other ranks)."""
         rank, world_size = _rank_and_world_size()
-        _check_output_location(self.dataset.root, self.output_dir)
+        check_output_location(self.dataset.root, self.output_dir)
         for case in self.dataset.cases:  # every check before the first write
             load_case(self.dataset, case, allow_empty_label=self.copy_empty_labels)
         self.protector.to(self.device)

@@ -12,8 +12,9 @@ protect beyond the generic sha256 helper of custom.nifti_io, so a bug in protect
   and affine, and its stored values outside the method's support (label == 0 dilated by the manifest's
   roi_dilation and UMed's contour_width; none when mask_roi is off) are identical;
 - per channel, |protected - source| in source units is within the case's bound_source_units, that
-  bound is eps x the channel's normalisation scale recomputed from the source (CT window width, or the
-  MRI percentile range of its non-zero voxels), and the recorded max |delta| is the measured one.
+  bound is eps x the channel's normalisation scale recomputed from the source (CT window width, the
+  MRI percentile range of its non-zero voxels, 10 standard deviations of them for z-scoring, or 1 for
+  data already in [0, 1]), and the recorded max |delta| is the measured one.
 
     voxshield verify --source DATA --protected OUT       (or: python -m custom.verify DATA OUT)
 
@@ -177,9 +178,15 @@ class Verifier:
     def _expected_scale(self, values: np.ndarray, kind: str, dataset: dict) -> float | None:
         if kind == "ct":
             low, high = dataset.get("ct_window_hu", (None, None))
-        elif kind == "mri":
+        elif kind in ("mri", "zscore"):
             foreground = values[values != 0]
-            low, high = np.percentile(foreground if foreground.size else values, dataset.get("mri_percentiles"))
+            foreground = foreground if foreground.size else values
+            if kind == "mri":
+                low, high = np.percentile(foreground, dataset.get("mri_percentiles"))
+            else:  # mean +- 5 standard deviations of the non-zero voxels
+                low, high = foreground.mean() - 5 * foreground.std(), foreground.mean() + 5 * foreground.std()
+        elif kind == "none":  # already in [0, 1]
+            low, high = 0.0, 1.0
         else:
             return None
         return max(float(high) - float(low), 1e-6)

@@ -4,10 +4,10 @@ evaluated on clean data, to measure how unlearnable the copy is.
 
 ``build_victim(name, in_channels, out_channels, patch_size)`` returns a network that maps a batch
 ``(B, in_channels, *patch_size)`` to logits ``(B, out_channels, *patch_size)``, always one tensor.
-The first six (``VICTIMS``) are 3D; ``slice2d`` (``SLICE_VICTIMS``) is 2D. Their sizes are chosen so
-that each one trains on 64x64x32 patches on a 2-core CPU in minutes, while keeping the defining
-structure of its architecture (number of resolution levels, skip pattern, transformer placement); a
-GPU run can use the same definitions.
+The seven of ``VICTIMS`` are 3D; ``slice2d`` (``SLICE_VICTIMS``) is 2D. Their sizes (but
+``unet_paper``'s, the authors') are chosen so that each one trains on 64x64x32 patches on a 2-core CPU
+in minutes, while keeping the defining structure of its architecture (number of resolution levels,
+skip pattern, transformer placement); a GPU run can use the same definitions.
 
 ==================  ======================================================================  ========
 name                configuration                                                           multiple
@@ -15,6 +15,9 @@ name                configuration                                               
 ``unet``            MONAI ``UNet``: channels (16, 32, 64, 128, 256), strides (2, 2, 2, 2),  16
                     2 residual units per level, instance norm (the surrogate's topology at
                     half its widths).
+``unet_paper``      MONAI ``UNet``: channels (32, 64, 128, 256, 512), strides (2, 2, 2, 2),  16
+                    2 residual units, instance norm: the authors' victim (and surrogate) at
+                    full width, the ``paper`` recipe's victim (configs/evaluate.json).
 ``attention_unet``  MONAI ``AttentionUnet`` (Oktay et al. 2018): the same channels and      16
                     strides, attention gates on every skip. MONAI hard-codes batch norm in
                     it (kept: this is what a user of MONAI's AttentionUnet trains).
@@ -55,6 +58,7 @@ channel in, 2 out, median of 5 steps, torch 2.13 on a 2-core CPU, 2 threads) and
 name                parameters  s / step
 ==================  ==========  ===========
 ``unet``            4.81 M      0.15
+``unet_paper``      19.2 M      not measured
 ``attention_unet``  5.91 M      0.69
 ``unetpp``          0.44 M      1.33
 ``transunet``       5.13 M      0.34
@@ -83,12 +87,13 @@ from monai.networks.blocks import (
 from monai.networks.nets import UNETR, AttentionUnet, BasicUNetPlusPlus, SwinUNETR, UNet
 from torch import nn
 
-VICTIMS = ("unet", "attention_unet", "unetpp", "transunet", "unetr", "swinunetr")
+VICTIMS = ("unet", "unet_paper", "attention_unet", "unetpp", "transunet", "unetr", "swinunetr")
 # victims that segment a volume slice by slice with a 2D network
 SLICE_VICTIMS = ("slice2d",)
 
 # The multiple every spatial dimension of the patch must be (the in-plane ones for slice2d), per victim (its total downsampling).
-_MULTIPLE = {"unet": 16, "attention_unet": 16, "unetpp": 16, "transunet": 16, "unetr": 16, "swinunetr": 32, "slice2d": 16}
+_MULTIPLE = {"unet": 16, "unet_paper": 16, "attention_unet": 16, "unetpp": 16, "transunet": 16, "unetr": 16,
+             "swinunetr": 32, "slice2d": 16}
 
 
 def _check_patch(
@@ -348,9 +353,9 @@ def build_victim(name: str, in_channels: int, out_channels: int, patch_size: Seq
     if name == "slice2d":
         return SliceWise(UNet(2, in_channels, out_channels, channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2),
                               num_res_units=2, norm="INSTANCE"))
-    if name == "unet":
-        return UNet(3, in_channels, out_channels, channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2),
-                    num_res_units=2, norm="INSTANCE")
+    if name in ("unet", "unet_paper"):
+        channels = (16, 32, 64, 128, 256) if name == "unet" else (32, 64, 128, 256, 512)
+        return UNet(3, in_channels, out_channels, channels=channels, strides=(2, 2, 2, 2), num_res_units=2, norm="INSTANCE")
     if name == "attention_unet":
         return AttentionUnet(3, in_channels, out_channels, channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2))
     if name == "unetpp":

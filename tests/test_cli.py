@@ -21,7 +21,7 @@ from custom import cli
 from custom.demo import make_demo_dataset
 from custom.verify import dilate, verify_copy
 
-COMMANDS = ["protect", "train", "evaluate", "report", "verify", "export"]
+COMMANDS = ["protect", "train", "evaluate", "report", "verify", "regrid", "export"]
 IMAGE = "TrainingImg/train_001_0000.nii.gz"
 LABEL = "TrainingMask/train_001.nii.gz"
 SMALL = ["--window_size", "[32,32,16]"]
@@ -55,9 +55,9 @@ def test_every_command_has_help(command, capsys):
     text = captured.out + captured.err  # fire writes help to stderr
     assert f"voxshield {command}" in text
     expected = {"protect": "--output_dir", "train": "--ckpt_dir", "evaluate": "--train_dir", "report": "--results",
-                "verify": "--protected", "export": "--output"}[command]
+                "verify": "--protected", "regrid": "--grid", "export": "--output"}[command]
     assert expected in text
-    if command not in ("verify", "export"):
+    if command not in ("verify", "regrid", "export"):
         assert "--bundle" in text and "Additional flags are accepted" in text
 
 

@@ -1,7 +1,9 @@
 """The evaluate workflow: held-out split, regions, and an end-to-end run on tiny data."""
 
+import dataclasses
 import json
 import math
+import shutil
 
 import nibabel as nib
 import numpy as np
@@ -9,9 +11,19 @@ import pytest
 import torch
 
 from conftest import run_bundle
-from custom.data import open_dataset
-from custom.evaluate import BRATS_REGIONS, evaluation_regions, held_out_split, score_cases
+from custom.data import load_case, open_dataset
+from custom.demo import make_demo_dataset
+from custom.evaluate import (
+    BRATS_REGIONS,
+    evaluation_regions,
+    held_out_split,
+    score_cases,
+    validation_split,
+    whole_volume_size,
+)
 from custom.nifti_io import VoxShieldInputError
+from custom.regrid import regrid_dataset
+from custom.victims import build_victim
 from test_protect import protector
 
 
@@ -121,3 +133,76 @@ def test_evaluate_end_to_end(flare_data, tmp_path, random_checkpoints):
             assert record[key] == pytest.approx(expected[key], rel=1e-6), key
     assert {r["case_id"] for r in attacked["imperceptibility"]["cases"]} == {"train_000", "train_001"}
     assert attacked["imperceptibility"]["aggregate"]["psnr_db_volume"] > 40
+
+
+def test_validation_split_holds_out_training_cases_only(tmp_path):
+    data = make_demo_dataset(tmp_path / "flare", "flare", num_cases=6, shape=(16, 16, 16))
+    train, test = held_out_split(str(data), str(data), ["train_005"])
+    fit, validation = validation_split(train, 0.2, seed=0)
+    ids = [case.case_id for case in train.cases]
+    assert len(validation.cases) == 1 and len(fit.cases) == 4  # round(0.2 x 5)
+    assert {c.case_id for c in fit.cases} | {c.case_id for c in validation.cases} == set(ids)
+    assert not {c.case_id for c in fit.cases} & {c.case_id for c in validation.cases}
+    assert "train_005" not in {c.case_id for c in fit.cases + validation.cases}
+    assert validation_split(train, 0.2, seed=0)[1].cases == validation.cases  # seeded
+    assert validation_split(train, 0.0, seed=0) == (train, dataclasses.replace(train, cases=[]))
+    with pytest.raises(VoxShieldInputError, match="5 training case.s. cannot give 5 validation case.s. and keep one"):
+        validation_split(train, 1.0, seed=0)
+
+
+def test_whole_volume_size_needs_one_grid(flare_data, tmp_path):
+    assert whole_volume_size(open_dataset(flare_data)) == [32, 32, 16]
+    other = make_demo_dataset(tmp_path / "other", "flare", num_cases=1, shape=(16, 16, 16))
+    shutil.copy(other / "TrainingMask" / "train_000.nii.gz", flare_data / "TrainingMask" / "train_001.nii.gz")
+    with pytest.raises(VoxShieldInputError, match=r"train_001.nii.gz: shape \(16, 16, 16\) differs from \(32, 32, 16\)"):
+        whole_volume_size(open_dataset(flare_data))
+
+
+def foreground_dice(prediction: np.ndarray, label: np.ndarray, classes: int) -> float:
+    """Mean Dice over the foreground classes present in ``label`` (MONAI's MeanDice, ignore_empty)."""
+    scores = [2 * ((prediction == c) & (label == c)).sum() / ((prediction == c).sum() + (label == c).sum())
+              for c in range(1, classes) if (label == c).any()]
+    return float(np.mean(scores))
+
+
+def test_paper_recipe(tmp_path):
+    """Whole volumes, a validation split of the training data, and the best-on-validation checkpoint
+    scored beside the last one; the test case never enters training or validation."""
+    data = make_demo_dataset(tmp_path / "flare", "flare", num_cases=5, shape=(32, 32, 16))
+    grid = regrid_dataset(data, tmp_path / "grid", 32)
+    output = tmp_path / "paper"
+    result = run_bundle(
+        "evaluate", "--train_dir", str(grid), "--test_list", "['train_004']", "--recipe_name", "paper",
+        "--epochs", "2", "--victim", "unet", "--output_dir", str(output),  # the smaller UNet: a CPU test
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((output / "results.json").read_text())
+    recipe, validation = results["recipe"], results["validation"]
+    assert recipe["name"] == "paper" and recipe["patch_size"] == [32, 32, 32] and recipe["batch_size"] == 8
+    assert recipe["lr"] == 0.0005 and recipe["weight_decay"] == 0.0005 and recipe["betas"] == [0.9, 0.9999]
+    assert recipe["loss"] == "DiceCE (softmax, background excluded)" and recipe["crops"] is False
+    assert recipe["iterations"] == 2  # 3 fitted cases in one batch of 8, 2 epochs
+
+    assert results["run"]["test_cases"] == ["train_004"]
+    assert len(validation["cases"]) == 1 and len(validation["fitted_cases"]) == 3
+    assert set(validation["cases"]) | set(validation["fitted_cases"]) == {"train_000", "train_001", "train_002", "train_003"}
+
+    curve = validation["curve"]
+    assert [point["epoch"] for point in curve] == [1, 2]
+    scores = [point["score"] for point in curve]
+    best = results["metrics_best_on_protected_validation"]
+    assert best["epoch"] == 1 + int(np.argmax(scores))  # the first epoch reaching the highest score
+    assert best["validation_score"] == max(scores) and validation["metric"] == "validation_mean_dice"
+    assert 0 <= best["aggregate"]["mean_dice"] <= 1 and [c["case_id"] for c in best["cases"]] == ["train_004"]
+    assert f"Best epoch on the validation split (1 training cases): {best['epoch']}" in (output / "results.md").read_text()
+
+    # the saved checkpoint, run again on the validation case, gives the recorded validation score
+    spec = open_dataset(grid)
+    network = build_victim("unet", 1, spec.num_classes, [32, 32, 32])
+    network.load_state_dict(torch.load(output / best["checkpoint"], weights_only=True))
+    network.eval()
+    case = next(c for c in spec.cases if c.case_id == validation["cases"][0])
+    loaded = load_case(spec, case)
+    with torch.no_grad():
+        prediction = network(torch.as_tensor(loaded.image[None], dtype=torch.float32)).argmax(1)[0].numpy()
+    assert foreground_dice(prediction, loaded.label, spec.num_classes) == pytest.approx(best["validation_score"], abs=1e-5)

@@ -10,9 +10,9 @@ from custom.victims import VICTIMS, TransUNet3D, build_victim
 
 # The smallest patch each architecture accepts: a multiple of its total downsampling, with more than one
 # bottleneck voxel where a norm layer normalises the bottleneck over space (all but UNETR).
-SMALLEST = {"unet": (32, 16, 16), "attention_unet": (16, 32, 16), "unetpp": (16, 16, 32), "transunet": (32, 16, 16),
+SMALLEST = {"unet": (32, 16, 16), "unet_paper": (32, 16, 16), "attention_unet": (16, 32, 16), "unetpp": (16, 16, 32), "transunet": (32, 16, 16),
             "unetr": (16, 16, 16), "swinunetr": (64, 32, 32)}
-MULTIPLE = {"unet": 16, "attention_unet": 16, "unetpp": 16, "transunet": 16, "unetr": 16, "swinunetr": 32}
+MULTIPLE = {"unet": 16, "unet_paper": 16, "attention_unet": 16, "unetpp": 16, "transunet": 16, "unetr": 16, "swinunetr": 32}
 
 
 def _executed_layers(net: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[nn.Module]]:
@@ -164,3 +164,12 @@ def test_slice2d_patch_size():
     with pytest.raises(ValueError) as error:
         build_victim("resnet", 1, 2, (32, 32, 32))
     assert "slice2d" in str(error.value)
+
+
+def test_unet_paper_is_the_authors_victim():
+    """MONAI UNet 32..512, strides 2, 2 residual units, instance norm (the authors' surrogate and victim)."""
+    net = build_victim("unet_paper", 1, 2, (32, 32, 32))
+    assert tuple(net.channels) == (32, 64, 128, 256, 512) and tuple(net.strides) == (2, 2, 2, 2)
+    assert net.num_res_units == 2 and str(net.norm).upper() == "INSTANCE"
+    assert all(not isinstance(m, nn.BatchNorm3d) for m in net.modules())
+    assert any(isinstance(m, nn.InstanceNorm3d) for m in net.modules())
