@@ -37,6 +37,7 @@ CLEAN_REFERENCE = "clean (reference)"
 FLOOR_METHOD = "random"  # uniform noise in the ROI: what the support and the bound alone do
 FRONTIER_TITLE = "Frontier: victim DSC against the visibility of the perturbation"
 COUNTERMEASURE_TITLE = "Countermeasures: victim DSC (% of clean) after an exploiter's step"
+AUTHORS_PROTOCOL_TITLE = "The authors' protocol: whole-volume victims, best checkpoint on protected validation"
 (SLICE_VICTIM,) = SLICE_VICTIMS
 # What shapes the noise: a result fitted with other values than configs/train.json's stays out of
 # Tables 1-3 (they compare methods as published) and is listed in Table 4
@@ -201,13 +202,21 @@ def _budget(result: dict) -> tuple[float, bool] | None:
 def _recipe_key(recipe: dict) -> str:
     """A victim recipe without its seed, as text: results with equal keys were trained alike. A
     setting recorded as null counts as not recorded, so a file written before a setting existed (e.g.
-    no "countermeasure") pairs with one that records it switched off."""
-    return json.dumps({name: value for name, value in recipe.items() if name != "seed" and value is not None},
+    no "countermeasure") pairs with one that records it switched off, and one without a recipe name
+    with a "patch" recipe."""
+    named = {"name": "patch", **recipe}  # files written before recipes had names used the patch recipe
+    return json.dumps({name: value for name, value in named.items() if name != "seed" and value is not None},
                       sort_keys=True)
 
 
 def _setting_text(name: str, value) -> str:
     return f"{name} {value:.4g}" if isinstance(value, float) else f"{name} {value}"
+
+
+def _percent(aggregate: dict | None) -> float | None:
+    """An aggregate's mean Dice in %, None when there is none."""
+    dice = (aggregate or {}).get("mean_dice")
+    return None if dice is None else 100 * dice
 
 
 def _summary(result: dict) -> dict:
@@ -228,6 +237,8 @@ def _summary(result: dict) -> dict:
         "recipe": (recipe.get("epochs"), recipe.get("iterations"), recipe.get("augmentation")),
         "recipe_key": _recipe_key(recipe),
         "countermeasure": recipe.get("countermeasure"),
+        "recipe_name": recipe.get("name", "patch"),
+        "best_dsc_percent": _percent((result.get("metrics_best_on_protected_validation") or {}).get("aggregate")),
         "seed": recipe.get("seed"),
         "budget": _budget(result),
         "values": {
@@ -288,7 +299,8 @@ def _by_fit_length(summaries: list[dict], name, order) -> tuple[dict[int, str], 
 
 
 def _paper_tables(summaries: list[dict]) -> list[_Table]:
-    summaries = [s for s in summaries if s["countermeasure"] is None]  # an exploiter's step: the matrix's
+    # the patch recipe without an exploiter's step; the others have their own sections
+    summaries = [s for s in summaries if s["countermeasure"] is None and s["recipe_name"] == "patch"]
     main = [s for s in summaries if s["variant"] in (Variant(CLEAN), Variant(FULL))]
     method, method_order = _by_fit_length(main, lambda s: s["method"], lambda name: (name != CLEAN, name))
     table1 = _build(
@@ -413,10 +425,12 @@ def _json_rows(table: _Table) -> list[dict]:
     return rows
 
 
-def _render(built: list[_Table], frontier: list[dict], matrix: dict) -> str:
-    """The paper's tables, then the frontier and the countermeasure matrix when they have rows."""
+def _render(built: list[_Table], frontier: list[dict], matrix: dict, authors: list[dict]) -> str:
+    """The paper's tables, then the frontier, the countermeasure matrix and the authors' protocol
+    when they have rows."""
     return "\n".join([*(_markdown(table) for table in built), *([_frontier_markdown(frontier)] if frontier else []),
-                      *([_countermeasure_markdown(matrix)] if matrix["rows"] else [])])
+                      *([_countermeasure_markdown(matrix)] if matrix["rows"] else []),
+                      *([_authors_protocol_markdown(authors)] if authors else [])])
 
 
 # ---- the frontier -------------------------------------------------------------------------------
@@ -473,6 +487,59 @@ def _frontier(summaries: list[dict]) -> list[dict]:
             "sources": [s["source"] for s in members],
         })
     return rows
+
+
+# ---- the authors' protocol -----------------------------------------------------------------------
+def _authors_protocol(summaries: list[dict]) -> list[dict]:
+    """
+    The victims trained with the authors' recipe (evaluate's ``--recipe_name paper``: whole volumes,
+    the checkpoint best on a protected validation split), per method as in Table 1 and dataset, with
+    the clean victim of the same recipe as reference.
+
+    Returns:
+        rows {"method", "dataset", "last", "best", "last_percent_of_clean", "best_percent_of_clean",
+        "seeds"}: mean DSC (%) of the last and of the best-on-protected-validation checkpoint, and
+        each as % of the clean victims' mean (None without a clean victim).
+    """
+    paper = [s for s in summaries if s["recipe_name"] == "paper" and s["countermeasure"] is None
+             and s["variant"] in (Variant(CLEAN), Variant(FULL)) and s["values"]["dsc_percent"] is not None]
+    names, order = _by_fit_length(paper, lambda s: s["method"], lambda name: (name != CLEAN, name))
+    groups: dict[tuple, list[dict]] = {}
+    for s in paper:
+        groups.setdefault((order.index(names[id(s)]), s["dataset"], s["recipe_key"]), []).append(s)
+    clean = {(dataset, key): members for (index, dataset, key), members in groups.items() if order[index] == CLEAN}
+    rows = []
+    for (index, dataset, key), members in sorted(groups.items()):
+        last = float(np.mean([s["values"]["dsc_percent"] for s in members]))
+        bests = [s["best_dsc_percent"] for s in members if s["best_dsc_percent"] is not None]
+        best = float(np.mean(bests)) if bests else None
+        reference = clean.get((dataset, key))
+        clean_last = float(np.mean([s["values"]["dsc_percent"] for s in reference])) if reference else None
+        clean_bests = [s["best_dsc_percent"] for s in reference or [] if s["best_dsc_percent"] is not None]
+        clean_best = float(np.mean(clean_bests)) if clean_bests else None
+        rows.append({
+            "method": order[index], "dataset": dataset, "last": last, "best": best,
+            "last_percent_of_clean": None if not clean_last else 100 * last / clean_last,
+            "best_percent_of_clean": None if best is None or not clean_best else 100 * best / clean_best,
+            "seeds": [s["seed"] for s in members],
+        })
+    return rows
+
+
+def _authors_protocol_markdown(rows: list[dict]) -> str:
+    """The authors' protocol section of tables.md."""
+    def number(value):
+        return "n/a" if value is None else f"{value:.2f}"
+
+    cells = [[row["method"], row["dataset"], number(row["last"]), number(row["last_percent_of_clean"]),
+              number(row["best"]), number(row["best_percent_of_clean"]),
+              ", ".join("?" if seed is None else str(seed) for seed in row["seeds"])] for row in rows]
+    headers = ["method", "dataset", "DSC last (%)", "last, % of clean", "DSC best on protected validation (%)",
+               "best, % of clean", "seeds"]
+    note = ("Victims trained with the authors' recipe (evaluate --recipe_name paper: whole volumes, batch 8, "
+            "Adam 5e-4, the checkpoint best on a validation split of the victim's own, protected, training data); "
+            "scored on the clean test cases; % of clean: over the clean victim of the same recipe.")
+    return "\n".join([f"## {AUTHORS_PROTOCOL_TITLE}", "", markdown_table(headers, cells), "", note, ""])
 
 
 # ---- countermeasures ------------------------------------------------------------------------------
@@ -610,7 +677,8 @@ def tables(results: list[dict]) -> str:
         results: as returned by collect_results.
     """
     summaries = [_summary(result) for result in results]
-    return _render(_paper_tables(summaries), _frontier(summaries), _countermeasure_matrix(summaries))
+    return _render(_paper_tables(summaries), _frontier(summaries), _countermeasure_matrix(summaries),
+                   _authors_protocol(summaries))
 
 
 def write_report(paths: str | os.PathLike | Sequence[str | os.PathLike], output_dir: str | os.PathLike) -> dict:
@@ -630,6 +698,7 @@ def write_report(paths: str | os.PathLike | Sequence[str | os.PathLike], output_
     results = collect_results(paths)
     summaries = [_summary(result) for result in results]
     built, frontier, matrix = _paper_tables(summaries), _frontier(summaries), _countermeasure_matrix(summaries)
+    authors = _authors_protocol(summaries)
     report = {
         "format": REPORT_FORMAT,
         "sources": [result["source"] for result in results],
@@ -642,10 +711,12 @@ def write_report(paths: str | os.PathLike | Sequence[str | os.PathLike], output_
     output.mkdir(parents=True, exist_ok=True)
     if matrix["rows"]:
         report["countermeasures"] = {"title": COUNTERMEASURE_TITLE, **matrix}
+    if authors:
+        report["authors_protocol"] = {"title": AUTHORS_PROTOCOL_TITLE, "rows": authors}
     if frontier:
         report["frontier"] = {"title": FRONTIER_TITLE, "rows": frontier}
         frontier_figure(frontier, output / FRONTIER_FIGURE)
-    write_atomic(output / TABLES_NAME, _render(built, frontier, matrix).encode())
+    write_atomic(output / TABLES_NAME, _render(built, frontier, matrix, authors).encode())
     write_atomic(output / REPORT_NAME, json.dumps(report, indent=1).encode())
     return report
 

@@ -19,7 +19,7 @@ CHANGE_HU = 6
 
 def results_file(folder, method="clean", victim="unet", dataset="FLARE21", dice=0.8, hd95=5.0, psnr=None,
                  ssim=None, training=None, test_cases=3, epochs=100, eps=4 / 255, fitted=True, mask_roi=True, seed=0,
-                 countermeasure=None):
+                 countermeasure=None, recipe_name=None, best_dice=None):
     """A results.json as custom.evaluate writes it, with only the fields the report reads filled in
     (``fitted=False``: a training-free method, no checkpoint)."""
     protection = None if method == "clean" else {
@@ -32,7 +32,7 @@ def results_file(folder, method="clean", victim="unet", dataset="FLARE21", dice=
                 "method": method, "train_cases": 5, "test_cases": [f"case_{i}" for i in range(test_cases)]},
         "protection": protection,
         "recipe": {"victim": victim, "epochs": epochs, "iterations": 4 * epochs, "augmentation": False, "seed": seed,
-                   "countermeasure": countermeasure},
+                   "countermeasure": countermeasure, **({"name": recipe_name} if recipe_name else {})},
         "metrics": {"aggregate": {"regions": {}, "mean_dice": dice, "mean_hd95_mm": hd95,
                                   "empty_prediction_cases": 0, "cases": test_cases}, "cases": []},
         "imperceptibility": None if psnr is None else {"aggregate": {
@@ -40,6 +40,8 @@ def results_file(folder, method="clean", victim="unet", dataset="FLARE21", dice=
             "fraction_voxels_changed": 0.1}, "cases": []},
         "software": {}, "hardware": {}, "wall_time_s": {"train": 1.0, "evaluate": 1.0, "total": 2.0},
     }
+    if best_dice is not None:
+        content["metrics_best_on_protected_validation"] = {"epoch": 3, "aggregate": {"mean_dice": best_dice}}
     folder.mkdir(parents=True)
     (folder / "results.json").write_text(json.dumps(content))
     return folder / "results.json"
@@ -272,6 +274,26 @@ def test_countermeasure_matrix(tmp_path):
     table1 = markdown_rows(markdown, "Table 1")
     assert table1["voxshield"]["FLARE21 DSC (%)"] == "40.00" and table1["clean"]["FLARE21 DSC (%)"] == "80.00"
     assert "lsp" not in table1
+
+
+def test_authors_protocol_section(tmp_path):
+    """Victims of the paper recipe get their own section (last and best-on-validation checkpoints, each
+    as % of the clean victim of that recipe) and stay out of Tables 1-4 and the frontier."""
+    root = tmp_path / "runs"
+    results_file(root / "clean", dice=0.80)
+    results_file(root / "clean_paper", victim="unet_paper", dice=0.70, best_dice=0.75, recipe_name="paper")
+    results_file(root / "vox_paper0", "voxshield", victim="unet_paper", dice=0.35, best_dice=0.60,
+                 recipe_name="paper", training=full())
+    results_file(root / "vox_paper1", "voxshield", victim="unet_paper", dice=0.21, best_dice=0.30,
+                 recipe_name="paper", training=full(), seed=1)
+    markdown = report.tables(report.collect_results(root))
+
+    rows = markdown_rows(markdown, "The authors' protocol")
+    assert rows["voxshield"]["DSC last (%)"] == "28.00" and rows["voxshield"]["last, % of clean"] == "40.00"
+    assert rows["voxshield"]["DSC best on protected validation (%)"] == "45.00"
+    assert rows["voxshield"]["best, % of clean"] == "60.00" and rows["voxshield"]["seeds"] == "0, 1"
+    assert rows["clean"]["last, % of clean"] == "100.00"
+    assert list(markdown_rows(markdown, "Table 1")) == ["clean"]
 
 
 def test_no_countermeasure_matrix_without_countermeasures(results_dir):
