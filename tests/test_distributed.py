@@ -72,7 +72,7 @@ def test_two_process_training_and_protect(tmp_path):
         "training",
         [*config_files("voxshield_flare", "training"), f"{SHARED}/multi_gpu_train.json", str(probes / "train_probe.json")],
         "--dataset_dir", str(data), "--ckpt_dir", str(ckpt), "--log_dir", str(logs),
-        "--epochs", "1", "--patch_size", "[32,32,16]", "--surrogate_def#channels", "[8,16,16,32,32]",
+        "--epochs", "1", "--patch_size", "[32,32,16]",
     )
     assert sorted(p.name for p in ckpt.iterdir()) == ["generator.pt", "surrogate.pt", "training_config.json"]
     for name in ("generator.pt", "surrogate.pt"):
