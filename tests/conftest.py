@@ -43,9 +43,10 @@ def bundle_command(*args: str, bundle: str = "voxshield_flare") -> list[str]:
 
 def run_bundle(*args: str, bundle: str = "voxshield_flare") -> subprocess.CompletedProcess:
     """`python -m monai.bundle run WORKFLOW ...` from the repository root in a fresh interpreter, exactly as
-    the README says (no PYTHONPATH, 2 threads unless OMP_NUM_THREADS says otherwise)."""
+    the README says (no PYTHONPATH). One thread unless OMP_NUM_THREADS says otherwise: with two, runs
+    took four times longer while other jobs held the machine's two cores."""
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    env["OMP_NUM_THREADS"] = env.get("OMP_NUM_THREADS", "2")
+    env["OMP_NUM_THREADS"] = env.get("OMP_NUM_THREADS", "1")
     command = [sys.executable, "-m", "monai.bundle", *bundle_command(*args, bundle=bundle)]
     return subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
 
@@ -120,7 +121,7 @@ def _output_to(stdout, stderr):
 def _process_state():
     """What a workflow run changes for the rest of its process, restored afterwards: the working directory
     (the repository root during the run, as run_bundle's cwd), sys.excepthook (the configs' initialize
-    installs brief_input_errors), torch's thread count (OMP_NUM_THREADS or 2 during the run, as
+    installs brief_input_errors), torch's thread count (OMP_NUM_THREADS, else 1 during the run, as
     run_bundle's environment sets), the torch, numpy and random generators and MONAI's determinism
     flags (set_determinism in train.json and evaluate.json), and the root logger (the bundle's
     logging.conf replaces its handlers)."""
@@ -131,7 +132,7 @@ def _process_state():
     handlers, level = root.handlers[:], root.level
     try:
         os.chdir(REPO_ROOT)
-        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
         with torch.random.fork_rng(devices=[]):
             yield
     finally:
