@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO_ROOT, run_bundle
+from conftest import REPO_ROOT, run_in_process
 from test_protect import msd_4d_scaled
 from custom import cli
 from custom.demo import make_demo_dataset
@@ -182,9 +182,9 @@ def protected(tmp_path_factory, random_checkpoints):
 
 def test_cli_protect_equals_python_m_monai_bundle_run(protected, tmp_path, monkeypatch):
     data, output, ckpt = protected
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    reference = run_bundle("protect", "--dataset_dir", str(data), "--ckpt_dir", str(ckpt), "--output_dir",
-                           str(tmp_path / "reference"), *SMALL)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the thread count `protected` ran with
+    reference = run_in_process("protect", "--dataset_dir", str(data), "--ckpt_dir", str(ckpt), "--output_dir",
+                               str(tmp_path / "reference"), *SMALL)
     assert reference.returncode == 0, reference.stderr[-2000:]
     ours = json.loads((output / "voxshield_manifest.json").read_text())
     theirs = json.loads((tmp_path / "reference" / "voxshield_manifest.json").read_text())

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_bundle
+from conftest import run_bundle, run_in_process
 from custom.data import load_case, open_dataset
 from custom.demo import make_demo_dataset
 from custom.evaluate import (
@@ -102,8 +102,9 @@ def test_evaluate_end_to_end(flare_data, tmp_path, random_checkpoints):
     protected = tmp_path / "protected"
     manifest = protector(flare_data, protected, random_checkpoints[1], 1).run()
     runs = {}
-    for kind, train_dir in (("clean", flare_data), ("protected", protected)):
-        result = run_bundle(
+    # the clean run is the README's command in a fresh interpreter, the protected one the same entry in this process
+    for kind, train_dir, run in (("clean", flare_data, run_bundle), ("protected", protected, run_in_process)):
+        result = run(
             "evaluate", "--train_dir", str(train_dir), "--test_dir", str(flare_data), "--test_list", "['train_002']",
             "--epochs", "1", "--patch_size", "[32,32,16]", "--output_dir", str(tmp_path / kind),
         )

@@ -1,5 +1,7 @@
 """Every method through the same bundle commands a user runs: `run training --method M`,
-`run protect --method M`, `run evaluate --method M`, and the CLI's `voxshield protect --method M`."""
+`run protect --method M`, `run evaluate --method M`, and the CLI's `voxshield protect --method M`.
+The workflows run in this process through monai.bundle's own entry (conftest.run_in_process); the
+one-line report of a wrong --method is checked in a fresh process (conftest.run_bundle)."""
 
 import json
 
@@ -9,7 +11,7 @@ import torch
 from monai.networks.nets import UNet
 
 from checks import assert_protected_copy
-from conftest import EPS, run_bundle
+from conftest import EPS, run_bundle, run_in_process
 from custom.cli import main as cli_main
 from custom.data import open_dataset
 
@@ -17,14 +19,20 @@ SMALL_SURROGATE = ["--surrogate_def#channels", "[8,16,32]", "--surrogate_def#str
                    "--surrogate_def#num_res_units", "0"]
 
 
+def small_surrogate(data) -> UNet:
+    """The surrogate that SMALL_SURROGATE makes the bundles build for ``data``."""
+    return UNet(3, 1, open_dataset(data).num_classes, channels=(8, 16, 32), strides=(2, 2), num_res_units=0,
+                norm="INSTANCE")
+
+
 def fit_and_protect(method, data, tmp_path, *extra):
     ckpt, output = tmp_path / "ckpt", tmp_path / "protected"
-    trained = run_bundle("training", "--dataset_dir", str(data), "--ckpt_dir", str(ckpt), "--log_dir",
-                         str(tmp_path / "logs"), "--epochs", "1", "--patch_size", "[32,32,16]", "--method", method,
-                         *SMALL_SURROGATE, *extra)
+    trained = run_in_process("training", "--dataset_dir", str(data), "--ckpt_dir", str(ckpt), "--log_dir",
+                             str(tmp_path / "logs"), "--epochs", "1", "--patch_size", "[32,32,16]", "--method", method,
+                             *SMALL_SURROGATE, *extra)
     assert trained.returncode == 0, trained.stderr[-3000:]
-    protected = run_bundle("protect", "--dataset_dir", str(data), "--ckpt_dir", str(ckpt), "--output_dir",
-                           str(output), "--method", method, "--pgd_steps", "2", *SMALL_SURROGATE, *extra)
+    protected = run_in_process("protect", "--dataset_dir", str(data), "--ckpt_dir", str(ckpt), "--output_dir",
+                               str(output), "--method", method, "--pgd_steps", "2", *SMALL_SURROGATE, *extra)
     assert protected.returncode == 0, protected.stderr[-3000:]
     return ckpt, output, trained.stdout + trained.stderr
 
@@ -45,9 +53,8 @@ def test_method_through_the_bundle_commands(method, support_dilation, flare_data
         assert sorted(path.name for path in ckpt.iterdir()) == ["surrogate.pt", "training_config.json"]
         assert manifest["fitted"]["training"] == record
         assert manifest["parameters"]["steps"] == 2  # the protect-time override is what the manifest records
-        surrogate = UNet(3, 1, open_dataset(flare_data).num_classes, channels=(8, 16, 32), strides=(2, 2),
-                         num_res_units=0, norm="INSTANCE")
-        surrogate.load_state_dict(torch.load(ckpt / "surrogate.pt", weights_only=True))  # strict, unwrapped
+        surrogate = torch.load(ckpt / "surrogate.pt", weights_only=True)
+        small_surrogate(flare_data).load_state_dict(surrogate)  # strict, unwrapped
     if method == "umed":  # the contour band outside the label carries noise too
         case = manifest["cases"][0]
         label = nib.load(flare_data / case["label"]).get_fdata()
@@ -56,30 +63,39 @@ def test_method_through_the_bundle_commands(method, support_dilation, flare_data
 
 
 def test_evaluate_checks_the_method_of_its_training_data(flare_data, tmp_path):
-    _, output, _ = fit_and_protect("random", flare_data, tmp_path)
+    output = tmp_path / "protected"  # random is training-free: protect alone makes its copy
+    protected = run_in_process("protect", "--dataset_dir", str(flare_data), "--ckpt_dir", str(tmp_path / "ckpt"),
+                               "--output_dir", str(output), "--method", "random")
+    assert protected.returncode == 0, protected.stderr[-3000:]
     wrong = run_bundle("evaluate", "--train_dir", str(output), "--test_dir", str(flare_data),
                        "--test_list", "['train_002']", "--method", "em", "--epochs", "1",
                        "--output_dir", str(tmp_path / "eval"))
     assert wrong.returncode != 0
     assert f"voxshield: error: {output}: holds 'random' data, not 'em'" in wrong.stderr
     assert not (tmp_path / "eval").exists()
-    right = run_bundle("evaluate", "--train_dir", str(output), "--test_dir", str(flare_data),
-                       "--test_list", "['train_002']", "--method", "random", "--epochs", "1", "--patch_size",
-                       "[32,32,16]", "--output_dir", str(tmp_path / "eval"))
+    right = run_in_process("evaluate", "--train_dir", str(output), "--test_dir", str(flare_data),
+                           "--test_list", "['train_002']", "--method", "random", "--epochs", "1", "--patch_size",
+                           "[32,32,16]", "--output_dir", str(tmp_path / "eval"))
     assert right.returncode == 0, right.stderr[-3000:]
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert results["run"]["method"] == "random" and results["protection"]["fitted"] is None
 
 
 def test_protect_with_a_checkpoint_of_another_method_or_bound_fails(flare_data, tmp_path):
-    ckpt, _, _ = fit_and_protect("em", flare_data, tmp_path)
-    other = run_bundle("protect", "--dataset_dir", str(flare_data), "--ckpt_dir", str(ckpt), "--output_dir",
-                       str(tmp_path / "other"), "--method", "sep", *SMALL_SURROGATE)
+    """The refusal reads only training_config.json beside the checkpoint, so the fitted em surrogate is
+    written here as training would leave it (its record's method and perturbation settings)."""
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    torch.save(small_surrogate(flare_data).state_dict(), ckpt / "surrogate.pt")
+    (ckpt / "training_config.json").write_text(json.dumps(
+        {"method": "em", "eps": EPS, "roi_dilation": 0, "squash": "tanh", "mask_roi": True}))
+    other = run_in_process("protect", "--dataset_dir", str(flare_data), "--ckpt_dir", str(ckpt), "--output_dir",
+                           str(tmp_path / "other"), "--method", "sep", *SMALL_SURROGATE)
     assert other.returncode != 0
     assert "surrogate.pt: fitted for method 'em', not 'sep'; pass the same --method" in other.stderr
     assert not (tmp_path / "other").exists()
-    wider = run_bundle("protect", "--dataset_dir", str(flare_data), "--ckpt_dir", str(ckpt), "--output_dir",
-                       str(tmp_path / "wider"), "--method", "em", "--roi_dilation", "2", *SMALL_SURROGATE)
+    wider = run_in_process("protect", "--dataset_dir", str(flare_data), "--ckpt_dir", str(ckpt), "--output_dir",
+                           str(tmp_path / "wider"), "--method", "em", "--roi_dilation", "2", *SMALL_SURROGATE)
     assert wider.returncode != 0
     assert ("surrogate.pt: fitted with other perturbation settings (roi_dilation 0 at training, 2 here); "
             "pass the same values") in wider.stderr

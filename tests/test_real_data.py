@@ -1,4 +1,6 @@
-"""Train and protect on a few real LGE-MRI cases of ../shared/data/la_mri (2018 Left Atrium challenge)."""
+"""Train and protect on a few real LGE-MRI cases of ../shared/data/la_mri (2018 Left Atrium challenge),
+through monai.bundle's entry in this process (conftest.run_in_process): the fresh-interpreter runs of
+the README's commands are test_bundles' and test_bad_input's."""
 
 import json
 
@@ -7,7 +9,7 @@ import numpy as np
 import pytest
 
 from checks import assert_protected_copy
-from conftest import EPS, LA_MRI, run_bundle
+from conftest import EPS, LA_MRI, run_in_process
 
 pytestmark = pytest.mark.skipif(
     not (LA_MRI / "dataset.json").is_file(),
@@ -33,12 +35,12 @@ def la_subset(tmp_path):
 
 def test_la_mri_train_and_protect(la_subset, tmp_path):
     ckpt, output = tmp_path / "ckpt", tmp_path / "protected"
-    trained = run_bundle(
+    trained = run_in_process(
         "training", "--dataset_dir", str(la_subset), "--ckpt_dir", str(ckpt), "--log_dir", str(tmp_path / "logs"),
         "--epochs", "1",
     )
     assert trained.returncode == 0, trained.stderr[-3000:]
-    protected = run_bundle(
+    protected = run_in_process(
         "protect", "--dataset_dir", str(la_subset), "--ckpt_dir", str(ckpt), "--output_dir", str(output),
     )
     assert protected.returncode == 0, protected.stderr[-3000:]
@@ -56,11 +58,11 @@ def test_la_mri_baselines_keep_the_guarantees(method, support_dilation, la_subse
     """A surrogate-based and a training-free baseline on real volumes (sizes not multiples of 16)."""
     ckpt, output = tmp_path / "ckpt", tmp_path / "protected"
     small = ["--surrogate_def#channels", "[8,16,32,64,128]", "--surrogate_def#num_res_units", "0"]
-    trained = run_bundle("training", "--dataset_dir", str(la_subset), "--ckpt_dir", str(ckpt), "--log_dir",
-                         str(tmp_path / "logs"), "--epochs", "1", "--method", method, *small)
+    trained = run_in_process("training", "--dataset_dir", str(la_subset), "--ckpt_dir", str(ckpt), "--log_dir",
+                             str(tmp_path / "logs"), "--epochs", "1", "--method", method, *small)
     assert trained.returncode == 0, trained.stderr[-3000:]
-    protected = run_bundle("protect", "--dataset_dir", str(la_subset), "--ckpt_dir", str(ckpt), "--output_dir",
-                           str(output), "--method", method, "--pgd_steps", "2", *small)
+    protected = run_in_process("protect", "--dataset_dir", str(la_subset), "--ckpt_dir", str(ckpt), "--output_dir",
+                               str(output), "--method", method, "--pgd_steps", "2", *small)
     assert protected.returncode == 0, protected.stderr[-3000:]
     manifest = assert_protected_copy(la_subset, output, EPS, ct=False, support_dilation=support_dilation)
     assert manifest["method"] == method and len(manifest["cases"]) == 4

@@ -17,7 +17,7 @@ import torch
 import yaml
 from monai.bundle import download_large_files, verify_metadata, verify_net_in_out
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, monai_bundle_in_process
 from custom import cli
 from custom.bundle_utils import config_files
 from custom.demo import make_demo_dataset
@@ -30,7 +30,8 @@ BUNDLES = {"voxshield_flare": 1, "voxshield_brats": 4}
 
 
 def monai_bundle(*args: str, cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess:
-    """`python -m monai.bundle ARGS` with PYTHONPATH unset, one torch thread."""
+    """`python -m monai.bundle ARGS` in a fresh interpreter with PYTHONPATH unset, one torch thread: for a
+    bundle outside the repository, whose `custom` package this process cannot import beside the repository's."""
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     env["OMP_NUM_THREADS"] = "1"
     return subprocess.run([sys.executable, "-m", "monai.bundle", *args], cwd=cwd, env=env, capture_output=True,
@@ -45,8 +46,8 @@ def metadata(bundle: str) -> dict:
 @pytest.mark.parametrize("bundle", BUNDLES)
 def test_verify_metadata_offline(bundle):
     schema_before = SCHEMA.read_bytes()
-    result = monai_bundle("verify_metadata", "--meta_file", f"bundles/{bundle}/configs/metadata.json",
-                          "--filepath", "schemas/monai_bundle_metadata.schema.json")
+    result = monai_bundle_in_process("verify_metadata", "--meta_file", f"bundles/{bundle}/configs/metadata.json",
+                                     "--filepath", "schemas/monai_bundle_metadata.schema.json")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "skipped downloading" in result.stdout and "metadata is verified with no error" in result.stdout
     assert SCHEMA.read_bytes() == schema_before
@@ -98,7 +99,7 @@ def test_metadata_content(bundle):
 # ---- the generator's input and output -----------------------------------------------------------
 def test_verify_net_in_out_cli():
     configs = [Path(path).relative_to(REPO_ROOT).as_posix() for path in config_files("voxshield_flare", "protect")]
-    result = monai_bundle(
+    result = monai_bundle_in_process(
         "verify_net_in_out", "generator_def", "--meta_file", "bundles/voxshield_flare/configs/metadata.json",
         "--config_file", repr(configs), "--n", "2", "--device", "cpu",
         "--generator_def#in_channels", "1", "--generator_def#out_channels", "1",
