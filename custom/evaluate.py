@@ -26,6 +26,8 @@ from custom.seg_metrics import aggregate, case_metrics
 
 RESULTS_NAME = "results.json"
 TABLE_NAME = "results.md"
+# MONAI's ConvertToMultiChannelBasedOnBratsClasses regions, as label groups, so that every dataset is
+# scored through one path (custom.seg_metrics.region_masks)
 BRATS_REGIONS = {"WT": [1, 2, 4], "TC": [1, 4], "ET": [4]}
 
 

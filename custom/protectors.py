@@ -179,6 +179,7 @@ class SurrogateNoise(Protector):
 
     def perturb(self, image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         size = image.shape[2:]
+        # F.pad over the whole batch: MONAI's DivisiblePad pads one channel-first sample at a time
         padding = [p for n in reversed(size) for p in (0, -n % self.divisible)]
         padded_image, padded_label = F.pad(image, padding), F.pad(label, padding)
         self.surrogate.eval()
