@@ -458,7 +458,9 @@ def _frontier(summaries: list[dict]) -> list[dict]:
         number of results, and the source files; ordered by method (the floor first), ROI before
         whole volume, then eps.
     """
-    victims = [s for s in summaries if s["victim"] == MAIN_VICTIM and s["values"]["dsc_percent"] is not None]
+    # no exploiter's step: what a step does is the countermeasure matrix's
+    victims = [s for s in summaries if s["victim"] == MAIN_VICTIM and s["values"]["dsc_percent"] is not None
+               and s["countermeasure"] is None]
     clean: dict[str, list[float]] = {}
     for s in victims:
         if s["method"] == CLEAN:
@@ -545,9 +547,10 @@ def _authors_protocol_markdown(rows: list[dict]) -> str:
 # ---- countermeasures ------------------------------------------------------------------------------
 def _countermeasure_matrix(summaries: list[dict]) -> dict:
     """
-    What an exploiter's step does to each method's protection: for the methods of Table 1 (copies
-    made with train.json's settings) and every victim recipe of a 3D UNet (or the slice-wise 2D
-    victim) with a clean victim of the same recipe, each victim's DSC as a percentage of that clean
+    What an exploiter's step does to each method's protection: for every protected copy (named as in
+    Table 1, or as in Table 4 when made with other settings, e.g. another eps; loss ablations left
+    out) and every victim recipe of a 3D UNet (or the slice-wise 2D victim) with a clean victim of
+    the same recipe, each victim's DSC as a percentage of that clean
     victim's mean DSC, so a countermeasure that also costs the clean victim accuracy is not counted
     as lifting the protection.
 
@@ -555,10 +558,11 @@ def _countermeasure_matrix(summaries: list[dict]) -> dict:
         {"columns": [column names], "rows": [{"method", "cells": {column: {"mean", "min", "max",
         "results", "clean_dsc_percent"}}}]}; columns are "none", the countermeasures, "slice2d victim"
         (with " + countermeasure" when both), each with the recipe's other differences in brackets.
-        Empty rows and columns when no result has a countermeasure or the 2D victim.
+        Only copies with at least one countermeasure (or 2D victim) result get a row; empty rows and
+        columns when no result has a countermeasure or the 2D victim.
     """
     victims = [s for s in summaries if s["victim"] in (MAIN_VICTIM, SLICE_VICTIM)
-               and s["values"]["dsc_percent"] is not None and s["variant"] in (Variant(CLEAN), Variant(FULL))]
+               and s["values"]["dsc_percent"] is not None and s["variant"].ablation in (CLEAN, FULL)]
     if not any(s["countermeasure"] is not None or s["victim"] == SLICE_VICTIM for s in victims):
         return {"columns": [], "rows": []}
     clean: dict[str, list[float]] = {}
@@ -566,7 +570,10 @@ def _countermeasure_matrix(summaries: list[dict]) -> dict:
         if s["method"] == CLEAN:
             clean.setdefault(s["recipe_key"], []).append(s["values"]["dsc_percent"])
     protected = [s for s in victims if s["method"] != CLEAN and s["recipe_key"] in clean]
-    method, method_order = _by_fit_length(protected, lambda s: s["method"], lambda name: name)
+    # Table 1's names for copies made with train.json's settings, Table 4's for the others (another eps ...)
+    method, _ = _by_fit_length([s for s in protected if not s["variant"].settings], lambda s: s["method"], str)
+    method.update({id(s): _other_row(s) for s in protected if s["variant"].settings})
+    method_order = sorted(set(method.values()))
     differences = _recipe_labels({s["recipe_key"] for s in protected})
 
     def column(s: dict) -> str:
@@ -591,7 +598,8 @@ def _countermeasure_matrix(summaries: list[dict]) -> dict:
                 percents = [100 * s["values"]["dsc_percent"] / reference for s in members]
                 row_cells[name] = {"mean": float(np.mean(percents)), "min": min(percents), "max": max(percents),
                                    "results": len(members), "clean_dsc_percent": reference}
-        rows.append({"method": row, "cells": row_cells})
+        if any(name != "none" for name in row_cells):  # a copy no countermeasure was tried on says nothing here
+            rows.append({"method": row, "cells": row_cells})
     return {"columns": columns, "rows": rows}
 
 
@@ -604,7 +612,7 @@ def _countermeasure_markdown(matrix: dict) -> str:
              for name in matrix["columns"]]
     note = (
         "Victim DSC as % of the clean victim's DSC under the same countermeasure and recipe (mean over seeds; "
-        f"victim {MAIN_VICTIM} unless the column names the slice-wise 2D victim); methods as in Table 1. "
+        f"victim {MAIN_VICTIM} unless the column names the slice-wise 2D victim); methods named as in Tables 1 and 4. "
         f"Clean victims' DSC: {'; '.join(clean)}. Below 100: the copy still costs the victim accuracy after the "
         "exploiter's step; about 100: the step removed the protection (or there was none)."
     )

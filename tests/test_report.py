@@ -264,16 +264,23 @@ def test_countermeasure_matrix(tmp_path):
     results_file(root / "vox_z1", "voxshield", dice=0.57, training=full(), countermeasure="z_smooth", seed=1)
     results_file(root / "vox_2d", "voxshield", victim="slice2d", dice=0.25, training=full())
     results_file(root / "lsp_z", "lsp", dice=0.30, countermeasure="z_smooth", fitted=False)
+    results_file(root / "tap", "tap", dice=0.70)  # no countermeasure tried on it: no row
+    results_file(root / "random32", "random", dice=0.48, eps=32 / 255, fitted=False)
+    results_file(root / "random32_z", "random", dice=0.57, eps=32 / 255, fitted=False, countermeasure="z_smooth")
     markdown = report.tables(report.collect_results(root))
 
     matrix = markdown_rows(markdown, "Countermeasures")
-    assert list(matrix) == ["lsp", "voxshield"]
+    assert list(matrix) == ["lsp", "random: eps 0.1255", "voxshield"]  # another bound: Table 4's name
+    assert matrix["random: eps 0.1255"]["none"] == "60.00" and matrix["random: eps 0.1255"]["z_smooth"] == "95.00"
     assert matrix["voxshield"] == {"method": "voxshield", "none": "50.00", "slice2d victim": "50.00",
                                    "z_smooth": f"{100 * 0.51 / 0.60:.2f}"}
     assert matrix["lsp"] == {"method": "lsp", "none": "-", "slice2d victim": "-", "z_smooth": "50.00"}
     table1 = markdown_rows(markdown, "Table 1")
     assert table1["voxshield"]["FLARE21 DSC (%)"] == "40.00" and table1["clean"]["FLARE21 DSC (%)"] == "80.00"
     assert "lsp" not in table1
+    frontier = markdown_rows(markdown, "Frontier")
+    assert list(frontier) == ["random (floor)", "tap", "voxshield"]  # the results without a step only
+    assert frontier["random (floor)"]["DSC (% of clean)"] == "60.00" and frontier["voxshield"]["DSC (% of clean)"] == "50.00"
 
 
 def test_authors_protocol_section(tmp_path):
