@@ -21,7 +21,7 @@ once per seed, to measure how much a single run's score varies.
 Every step is the bundle command a user would run. Result files, tables, figures and
 ``benchmark.json`` (each command with its wall time and exit code, hardware, versions) go to
 ``--results_dir`` (default benchmarks/results/la_mri); checkpoints and protected volumes go to
-``--work_dir`` (default a folder under /tmp), never into the repository; the record and the result
+``--work_dir`` (default benchmarks/work, which git and docker ignore), never into a committed folder; the record and the result
 files name paths relative to the repository (../shared/data/la_mri) and the interpreter ``python``
 (normalise_paths, which also rewrote the files committed before). With --resume, a step
 whose output already exists (a protected copy with its manifest, a results.json) is skipped and
@@ -183,7 +183,7 @@ def add_protocol_arguments(parser: argparse.ArgumentParser, record: str) -> None
     and the record's file name (default ``record``)."""
     parser.add_argument("--data", default=str(DATA))
     parser.add_argument("--results_dir", default=str(REPO_ROOT / "benchmarks" / "results" / "la_mri"))
-    parser.add_argument("--work_dir", default="/tmp/voxshield_la_mri_benchmark")
+    parser.add_argument("--work_dir", default=str(REPO_ROOT / "benchmarks" / "work"))
     parser.add_argument("--generator_epochs", type=int, default=10, help="VoxShield fitting epochs")
     parser.add_argument("--baseline_epochs", type=int, default=5, help="surrogate fitting epochs of the baselines")
     parser.add_argument("--victim_epochs", type=int, default=15)

@@ -217,7 +217,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(DATA))
     parser.add_argument("--results_dir", default=str(REPO_ROOT / "benchmarks" / "results" / "la_mri"))
-    parser.add_argument("--work_dir", default="/tmp/voxshield_la_mri_benchmark")
+    parser.add_argument("--work_dir", default=str(REPO_ROOT / "benchmarks" / "work"))
     parser.add_argument("--runs", default="full,random,em,lsp", help="protected copies (RUN/protected in --work_dir)")
     parser.add_argument("--ring", type=int, default=3, help="width in voxels of the ring around the ROI")
     parser.add_argument("--surrogates", default="", help="VoxShield fits whose surrogate to score (RUN/ckpt/surrogate.pt)")

@@ -27,7 +27,7 @@ hour, each with its own --record and with --resume:
     python benchmarks/la_mri_frontier.py --methods random,lsp --budgets 4,8 --supports roi --resume \\
         --record benchmark_frontier_random_lsp_roi_4_8.json
 
-Checkpoints and protected copies go to --work_dir (default a folder under /tmp), results, the record
+Checkpoints and protected copies go to --work_dir (default benchmarks/work, ignored by git), results, the record
 and the report to --results_dir (default benchmarks/results/la_mri); --data and --results_dir let the
 tests run the whole benchmark on a tiny demo dataset.
 """
