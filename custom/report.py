@@ -223,7 +223,6 @@ def _summary(result: dict) -> dict:
     """The fields the tables use, from one results.json."""
     run, overall = result["run"], result["metrics"]["aggregate"]
     seen = (result.get("imperceptibility") or {}).get("aggregate") or {}
-    dice = overall.get("mean_dice")
     recipe = result.get("recipe") or {}
     test_cases = run.get("test_cases")
     return {
@@ -242,7 +241,7 @@ def _summary(result: dict) -> dict:
         "seed": recipe.get("seed"),
         "budget": _budget(result),
         "values": {
-            "dsc_percent": None if dice is None else 100 * dice,
+            "dsc_percent": _percent(overall),
             "hd95_mm": overall.get("mean_hd95_mm"),
             "psnr_db_volume": seen.get("psnr_db_volume"),
             "ssim_3d_volume": seen.get("ssim_3d_volume"),
@@ -443,6 +442,15 @@ def _recipe_labels(keys: set[str]) -> dict[str, str]:
             for key, recipe in recipes.items()}
 
 
+def _clean_dsc_by_recipe(victims: list[dict]) -> dict[str, list[float]]:
+    """The clean victims' DSC (%) per victim recipe (recipe_key): the references of "% of clean"."""
+    clean: dict[str, list[float]] = {}
+    for s in victims:
+        if s["method"] == CLEAN:
+            clean.setdefault(s["recipe_key"], []).append(s["values"]["dsc_percent"])
+    return clean
+
+
 def _frontier(summaries: list[dict]) -> list[dict]:
     """
     The frontier's rows: the UNet victims trained on copies made with train.json's settings but for
@@ -461,10 +469,7 @@ def _frontier(summaries: list[dict]) -> list[dict]:
     # no exploiter's step: what a step does is the countermeasure matrix's
     victims = [s for s in summaries if s["victim"] == MAIN_VICTIM and s["values"]["dsc_percent"] is not None
                and s["countermeasure"] is None]
-    clean: dict[str, list[float]] = {}
-    for s in victims:
-        if s["method"] == CLEAN:
-            clean.setdefault(s["recipe_key"], []).append(s["values"]["dsc_percent"])
+    clean = _clean_dsc_by_recipe(victims)
     protected = [s for s in victims if s["budget"] is not None and s["recipe_key"] in clean]
     row_name, name_order = _by_fit_length(protected, lambda s: s["method"], lambda name: (name != FLOOR_METHOD, name))
     recipe_labels = _recipe_labels({s["recipe_key"] for s in protected})
@@ -565,10 +570,7 @@ def _countermeasure_matrix(summaries: list[dict]) -> dict:
                and s["values"]["dsc_percent"] is not None and s["variant"].ablation in (CLEAN, FULL)]
     if not any(s["countermeasure"] is not None or s["victim"] == SLICE_VICTIM for s in victims):
         return {"columns": [], "rows": []}
-    clean: dict[str, list[float]] = {}
-    for s in victims:
-        if s["method"] == CLEAN:
-            clean.setdefault(s["recipe_key"], []).append(s["values"]["dsc_percent"])
+    clean = _clean_dsc_by_recipe(victims)
     protected = [s for s in victims if s["method"] != CLEAN and s["recipe_key"] in clean]
     # Table 1's names for copies made with train.json's settings, Table 4's for the others (another eps ...)
     method, _ = _by_fit_length([s for s in protected if not s["variant"].settings], lambda s: s["method"], str)
