@@ -53,7 +53,7 @@ def config_files(name: str, workflow: str) -> list[str]:
     """
     The config files that make up ``workflow`` (training, protect, evaluate, report) of bundle
     ``name``, in the order ``monai.bundle run --config_file`` merges them: the bundle's
-    configs/bundle.json (its folder and demo data), then the shared configs. An exported model-zoo
+    configs/bundle.json (its folder, demo data, layout and normalisation), then the shared configs. An exported model-zoo
     bundle has no bundle.json: its configs/<workflow>.json is already the merged, self-contained file.
     """
     configs = Path(bundle_root(name)) / "configs"
