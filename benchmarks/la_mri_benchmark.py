@@ -71,6 +71,15 @@ RUNS = {  # run name -> method, its overrides of train.json alone, its perturbat
     # a label-shaped texture (random) start to keep the victim from learning?
     **{f"{method}_eps{level}": (method, [], ["--eps", repr(level / 255)])
        for method in ("lsp", "random") for level in (16, 32, 64)},
+    # issue 14's label-coded carriers beyond the frontier's default (la_mri_frontier.py --methods carrier:
+    # the in-plane checkerboard, phase-coded): the label plus a 3-voxel band of opposite phase at 8/255,
+    # a period-4 square wave of secret in-plane orientation over the whole volume at 4/255, and (as UnSeg
+    # splits its budget in 2D) 8/255 on the label with a quarter of that, 2/255, over the rest of the volume
+    "carrier_band3_eps8": ("carrier", [], ["--roi_dilation", "3", "--eps", repr(8 / 255)]),
+    "carrier_volume_eps8_outside2": ("carrier", [], ["--eps", repr(8 / 255), "--mask_roi", "false",
+                                                     "--carrier_outside_amplitude", "0.25"]),
+    "carrier_p4_volume_eps4": ("carrier", [], ["--carrier_period", "4", "--carrier_orientation", "random",
+                                               "--mask_roi", "false"]),
 }
 PROTOCOL = ["full", "no_spd", "no_isc", "random", "lsp", "em", "tap", "umed", "sep", "pue"]
 BASELINE_SURROGATE = '--surrogate_def#channels "[16,32,64,128,256]" --surrogate_def#num_res_units 1'

@@ -1,7 +1,7 @@
 """
 The 3D baselines EM, TAP, LSP, SEP, PUE, UMed and a random-noise control, behind the interface of
-custom.protector_base.Protector, and the registry of every method (these and custom.voxshield.
-VoxShield) that the bundle configs choose from.
+custom.protector_base.Protector, and the registry of every method (these, custom.voxshield.VoxShield
+and custom.carriers.LabelCodedCarrier) that the bundle configs choose from.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from torch.func import functional_call
 from custom.nifti_io import VoxShieldInputError
 from custom.perturbation import ROIBoundedPerturbation, dilate
 from custom.protector_base import Protector
+from custom.carriers import LabelCodedCarrier
 from custom.voxshield import VoxShield
 
 
@@ -369,7 +370,8 @@ class UMed(SurrogateNoise):
 
 
 METHODS = {method.name: method for method in (VoxShield, ErrorMinimizing, AdversarialPoisoning, LinearSeparableNoise,
-                                              StableErrorMinimizing, ProvablyUnlearnable, UMed, RandomNoise)}
+                                              StableErrorMinimizing, ProvablyUnlearnable, UMed, RandomNoise,
+                                              LabelCodedCarrier)}
 
 
 def select(protectors: dict, method: str) -> Protector:

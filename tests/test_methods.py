@@ -37,25 +37,29 @@ def fit_and_protect(method, data, tmp_path, *extra):
     return ckpt, output, trained.stdout + trained.stderr
 
 
-@pytest.mark.parametrize("method, support_dilation", [("em", 0), ("tap", 0), ("umed", 1), ("lsp", 0)])
-def test_method_through_the_bundle_commands(method, support_dilation, flare_data, tmp_path):
-    ckpt, output, log = fit_and_protect(method, flare_data, tmp_path)
+@pytest.mark.parametrize("method, support_dilation, extra", [
+    ("em", 0, []), ("tap", 0, []), ("umed", 1, []), ("lsp", 0, []),
+    ("carrier", 1, ["--roi_dilation", "1", "--carrier_period", "4", "--carrier_orientation", "random"]),
+])
+def test_method_through_the_bundle_commands(method, support_dilation, extra, flare_data, tmp_path):
+    ckpt, output, log = fit_and_protect(method, flare_data, tmp_path, *extra)
     manifest = assert_protected_copy(flare_data, output, EPS, ct=True, support_dilation=support_dilation)
     assert manifest["method"] == method
     record = json.loads((ckpt / "training_config.json").read_text())
     assert record["method"] == method
-    if method == "lsp":
-        assert "lsp is training-free: nothing to fit" in log
+    if method in ("lsp", "carrier"):
+        assert f"{method} is training-free: nothing to fit" in log
         assert sorted(path.name for path in ckpt.iterdir()) == ["training_config.json"]
         assert manifest["fitted"] is None
-        assert manifest["parameters"]["patch_size"] == 8
+        expected = {"patch_size": 8} if method == "lsp" else {"period": 4.0, "orientation": "random", "axes": [0, 1]}
+        assert {key: manifest["parameters"][key] for key in expected} == expected
     else:
         assert sorted(path.name for path in ckpt.iterdir()) == ["surrogate.pt", "training_config.json"]
         assert manifest["fitted"]["training"] == record
         assert manifest["parameters"]["steps"] == 2  # the protect-time override is what the manifest records
         surrogate = torch.load(ckpt / "surrogate.pt", weights_only=True)
         small_surrogate(flare_data).load_state_dict(surrogate)  # strict, unwrapped
-    if method == "umed":  # the contour band outside the label carries noise too
+    if support_dilation:  # UMed's contour band, the carrier's band: noise outside the label too
         case = manifest["cases"][0]
         label = nib.load(flare_data / case["label"]).get_fdata()
         changed = nib.load(output / case["images"][0]).get_fdata() != nib.load(flare_data / case["images"][0]).get_fdata()

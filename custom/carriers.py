@@ -1,0 +1,116 @@
+"""
+Label-coded carriers (issue 14): a secret periodic pattern saturated at the bound, written into the
+volume where the label says. Measured on la_mri, structure and support decide what a victim picks
+up: a pattern it learns faster than the anatomy costs it more accuracy per unit of budget than
+random noise of the same bound. Training-free.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from custom.perturbation import ROIBoundedPerturbation
+from custom.protector_base import Protector
+
+ORIENTATIONS = ("diagonal", "random")
+CODINGS = ("presence", "phase")
+
+
+class LabelCodedCarrier(Protector):
+    """
+    A square-wave carrier s(x) = sign(cos(2 pi (d . x) / period + phi)), values +-1, saturated at
+    eps and coded by the label:
+
+    - ``coding="presence"``: each foreground class c carries its own carrier s_c on its voxels; the
+      rest of the support carries nothing. A victim can learn "patterned -> class c".
+    - ``coding="phase"``: the foreground carries s_c as above and every other voxel of the support
+      carries -s_1, so the label is written in the carrier's sign (and the pattern alone does not
+      tell foreground from background). Use it with a support wider than the label:
+      ``mask_roi=False`` (the whole volume) or ``roi_dilation`` (the label plus a band); on the
+      label alone it equals presence coding. ``outside_amplitude`` < 1 spends less of the budget
+      outside the label, where most voxels are (as UnSeg does in 2D: 8/255 on the object, 2/255
+      on the background), which raises the whole-volume PSNR.
+
+    The direction d spans ``axes`` only, so the carrier is constant along the other axes: the
+    default in-plane carrier (axes 0 and 1) is the same on every slice, which smoothing across
+    slices does not remove. ``orientation="diagonal"`` with ``period=2`` is the checkerboard at the
+    grid's Nyquist frequency ((-1)^(i+j) in-plane; (-1)^(i+j+k) with all three axes), shared by
+    every class; ``orientation="random"`` draws each class's unit direction (within ``axes``) and
+    phase from ``seed``, so classes get different carriers and the pattern is secret. Periods of 3-8
+    voxels survive resampling and smoothing better than the Nyquist checkerboard. Coordinates are
+    voxel indices of the whole volume, so the carrier is the same whatever the order of the cases.
+
+    Args:
+        perturbation: eps and the support (mask_roi, roi_dilation) shared by every method.
+        period: voxels per cycle along d. Default 2.0 (with "diagonal": the checkerboard).
+        axes: spatial axes (0, 1, 2 of H, W, D) the carrier varies along. Default (0, 1).
+        orientation: ``"diagonal"`` (d = 1 on each of ``axes``; phase a quarter step off the zero
+            crossings) or ``"random"`` (per class, from ``seed``). Default "diagonal".
+        coding: ``"presence"`` or ``"phase"``, see above. Default "phase".
+        outside_amplitude: the carrier's amplitude outside the label under phase coding, as a
+            fraction of eps, in [0, 1]. Default 1.0.
+        seed: draws the directions and phases of ``orientation="random"``.
+        amp: unused (nothing is computed in reduced precision); kept for the common interface.
+
+    Shapes:
+        image: (B, C, H, W, D) in [0, 1]; label: (B, 1, H, W, D) class map.
+        perturb(...): (B, C, H, W, D), every channel carrying the same pattern.
+    """
+
+    name = "carrier"
+
+    def __init__(self, perturbation: ROIBoundedPerturbation, period: float = 2.0, axes: Sequence[int] = (0, 1),
+                 orientation: str = "diagonal", coding: str = "phase", outside_amplitude: float = 1.0,
+                 seed: int = 0, amp: bool = False) -> None:
+        super().__init__(perturbation, seed, amp)
+        if not period >= 2:
+            raise ValueError(f"period must be >= 2 voxels (the grid's Nyquist limit), got {period}.")
+        if not axes or any(axis not in (0, 1, 2) for axis in axes) or len(set(axes)) != len(axes):
+            raise ValueError(f"axes must be distinct spatial axes among 0, 1, 2, got {list(axes)}.")
+        if orientation not in ORIENTATIONS:
+            raise ValueError(f"orientation must be one of {ORIENTATIONS}, got {orientation!r}.")
+        if coding not in CODINGS:
+            raise ValueError(f"coding must be one of {CODINGS}, got {coding!r}.")
+        if not 0 <= outside_amplitude <= 1:
+            raise ValueError(f"outside_amplitude must be in [0, 1], got {outside_amplitude}.")
+        self.period, self.orientation, self.coding = float(period), orientation, coding
+        self.outside_amplitude = float(outside_amplitude)
+        self._axes = tuple(int(axis) for axis in axes)
+
+    def settings(self) -> dict:
+        return {**super().settings(), "axes": list(self._axes)}
+
+    def direction_and_phase(self, class_index: int) -> tuple[list[float], float]:
+        """Class ``class_index``'s direction d (3 components, zero off ``axes``) and phase phi."""
+        if self.orientation == "diagonal":
+            return [1.0 if axis in self._axes else 0.0 for axis in range(3)], math.pi / (2 * self.period)
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + int(class_index))
+        components = torch.randn(len(self._axes), generator=generator)
+        components = components / components.norm()
+        phase = 2 * math.pi * torch.rand((), generator=generator).item()
+        direction = [0.0, 0.0, 0.0]
+        for axis, component in zip(self._axes, components.tolist()):
+            direction[axis] = component
+        return direction, phase
+
+    def carrier(self, class_index: int, size: Sequence[int], device: torch.device | None = None) -> torch.Tensor:
+        """(H, W, D) = ``size`` square wave of class ``class_index``, values +-1."""
+        direction, phase = self.direction_and_phase(class_index)
+        coordinates = torch.meshgrid(*(torch.arange(n, dtype=torch.float64, device=device) for n in size), indexing="ij")
+        position = sum(component * grid for component, grid in zip(direction, coordinates))
+        wave = torch.cos(2 * math.pi * position / self.period + phase)
+        return torch.where(wave >= 0, 1.0, -1.0).float()
+
+    def perturb(self, image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        size = image.shape[2:]
+        foreground_classes = [int(c) for c in torch.unique(label).tolist() if c > 0]
+        pattern = torch.zeros_like(label, dtype=torch.float32)
+        if self.coding == "phase":
+            pattern = pattern - self.outside_amplitude * self.carrier(1, size, image.device)
+        for class_index in foreground_classes:
+            pattern = torch.where(label == class_index, self.carrier(class_index, size, image.device), pattern)
+        noise = self.perturbation.eps * pattern.to(image).expand_as(image)
+        return self.perturbation.project(image, noise, self.support(label))[1]

@@ -1,0 +1,117 @@
+"""The label-coded carrier (custom.carriers): the pattern, its coding by the label, its support, and
+what z-smoothing leaves of it, each checked against values computed here with numpy."""
+
+import numpy as np
+import pytest
+import torch
+
+from custom.carriers import LabelCodedCarrier
+from custom.countermeasures import GaussianSmoothNearestd
+from custom.perturbation import ROIBoundedPerturbation
+
+EPS = 8 / 255
+SHAPE = (12, 10, 6)
+
+
+def boxes():
+    """A mid-grey volume (so the [0, 1] clamp never bites) with a box of class 1 and one of class 2."""
+    label = torch.zeros((1, 1, *SHAPE))
+    label[..., 2:6, 2:8, :] = 1
+    label[..., 7:11, 3:7, :] = 2
+    return torch.full_like(label, 0.5), label
+
+
+def carrier(mask_roi=True, roi_dilation=0, **options):
+    return LabelCodedCarrier(ROIBoundedPerturbation(eps=EPS, mask_roi=mask_roi, roi_dilation=roi_dilation), **options)
+
+
+def test_phase_coded_checkerboard_over_the_whole_volume():
+    image, label = boxes()
+    delta = carrier(mask_roi=False, coding="phase").perturb(image, label)[0, 0].numpy()
+    i, j, _ = np.indices(SHAPE)
+    checkerboard = (-1.0) ** (i + j)  # in-plane, the same on every slice
+    sign = np.where(label[0, 0].numpy() > 0, 1.0, -1.0)  # "diagonal": one carrier for both classes
+    np.testing.assert_allclose(delta, EPS * checkerboard * sign, atol=1e-7)
+
+
+def test_outside_amplitude_scales_the_opposite_phase_outside_the_label_only():
+    image, label = boxes()
+    delta = carrier(mask_roi=False, outside_amplitude=0.25).perturb(image, label)[0, 0].numpy()
+    i, j, _ = np.indices(SHAPE)
+    expected = np.where(label[0, 0].numpy() > 0, 1.0, -0.25) * (-1.0) ** (i + j)
+    np.testing.assert_allclose(delta, EPS * expected, atol=1e-7)
+
+
+def test_three_axes_make_the_3d_checkerboard_and_presence_coding_leaves_the_rest_untouched():
+    image, label = boxes()
+    delta = carrier(mask_roi=False, coding="presence", axes=(0, 1, 2)).perturb(image, label)[0, 0].numpy()
+    i, j, k = np.indices(SHAPE)
+    expected = np.where(label[0, 0].numpy() > 0, (-1.0) ** (i + j + k), 0.0)
+    np.testing.assert_allclose(delta, EPS * expected, atol=1e-7)
+
+
+def test_a_longer_period_repeats_after_its_period_with_balanced_signs():
+    image, label = boxes()
+    label[:] = 1
+    delta = carrier(period=4, axes=(0,)).perturb(image, label)[0, 0].numpy()
+    assert np.array_equal(delta[4:], delta[:-4])  # period 4 along axis 0
+    assert (np.diff(delta, axis=1) == 0).all() and (np.diff(delta, axis=2) == 0).all()  # constant along 1, 2
+    np.testing.assert_allclose(np.sort(delta[:4, 0, 0]), EPS * np.array([-1, -1, 1, 1]), atol=1e-7)
+
+
+def test_phase_coding_on_a_band_flips_the_sign_outside_the_label():
+    image, label = boxes()
+    label[label == 2] = 0
+    delta = carrier(roi_dilation=1, coding="phase").perturb(image, label)[0, 0].numpy()
+    inside = label[0, 0].numpy() > 0
+    band = np.zeros(SHAPE, bool)
+    band[1:7, 1:9, :] = True  # the box 2:6, 2:8 dilated by one voxel in-plane (it fills z already)
+    i, j, _ = np.indices(SHAPE)
+    expected = np.where(inside, 1.0, np.where(band, -1.0, 0.0)) * (-1.0) ** (i + j)
+    np.testing.assert_allclose(delta, EPS * expected, atol=1e-7)
+
+
+def test_random_orientation_gives_each_class_a_secret_in_plane_carrier():
+    protector = carrier(period=5, orientation="random", seed=3)
+    first, second = protector.carrier(1, (40, 40, 4)).numpy(), protector.carrier(2, (40, 40, 4)).numpy()
+    assert set(np.unique(first)) == {-1.0, 1.0} and abs(first.mean()) < 0.1
+    assert (first == first[..., :1]).all()  # constant along the slice axis
+    assert (first != second).mean() > 0.2, "two classes share a carrier"
+    assert (first != carrier(period=5, orientation="random", seed=4).carrier(1, (40, 40, 4)).numpy()).mean() > 0.2
+    assert np.array_equal(first, carrier(period=5, orientation="random", seed=3).carrier(1, (40, 40, 4)).numpy())
+    # the square wave's strongest in-plane frequency is 1/period cycles per voxel
+    spectrum = np.abs(np.fft.fft2(first[..., 0]))
+    spectrum[0, 0] = 0
+    peak = np.unravel_index(spectrum.argmax(), spectrum.shape)
+    frequency = np.hypot(*(np.fft.fftfreq(40)[index] for index in peak))
+    assert frequency == pytest.approx(1 / 5, abs=1 / 40)
+
+
+def test_the_in_plane_carrier_survives_z_smoothing_where_the_3d_one_does_not():
+    label = torch.ones((1, 1, 8, 8, 24))
+    image = torch.full_like(label, 0.5)
+    smooth = GaussianSmoothNearestd("image", sigma=[0.0, 0.0, 1.0])
+    in_plane = carrier().perturb(image, label)[0]
+    in_3d = carrier(axes=(0, 1, 2)).perturb(image, label)[0]
+    after_in_plane = smooth({"image": (image[0] + in_plane).numpy()})["image"] - image[0].numpy()
+    after_3d = smooth({"image": (image[0] + in_3d).numpy()})["image"] - image[0].numpy()
+    np.testing.assert_allclose(after_in_plane, in_plane.numpy(), atol=1e-6)
+    # away from the first and last slices, the (-1)^k factor is damped by the kernel's response at
+    # the Nyquist frequency: sum_m w_m (-1)^m / sum_m w_m, scipy's kernel truncated at 4 sigma
+    kernel = np.exp(-0.5 * np.arange(-4, 5) ** 2)
+    damping = abs((kernel * (-1.0) ** np.arange(-4, 5)).sum() / kernel.sum())
+    np.testing.assert_allclose(np.abs(after_3d[..., 5:19]), EPS * damping, rtol=1e-3)
+    assert damping < 0.02
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"period": 1}, "period must be >= 2"),
+    ({"axes": (0, 3)}, "axes must be distinct spatial axes"),
+    ({"axes": ()}, "axes must be distinct spatial axes"),
+    ({"orientation": "spiral"}, "orientation must be one of"),
+    ({"coding": "amplitude"}, "coding must be one of"),
+    ({"outside_amplitude": 1.5}, "outside_amplitude must be in"),
+])
+def test_bad_options_are_refused_by_name(options, message):
+    with pytest.raises(ValueError, match=message):
+        carrier(**options)
