@@ -222,9 +222,9 @@ def frontier_figure(rows: list[dict], output_png: str | os.PathLike) -> Path:
     Points without a PSNR are left out.
 
     Args:
-        rows: custom.report's frontier rows: ``method``, ``support`` ("ROI" or "whole volume"),
-            ``eps``, ``floor``, ``psnr_db_volume`` and ``dsc_percent_of_clean`` (``mean``, ``min``,
-            ``max``).
+        rows: as returned by custom.protection_views.frontier_rows: ``method``, ``support`` ("ROI" or
+            "whole volume"), ``eps``, ``floor``, ``psnr_db_volume`` and ``dsc_percent_of_clean``
+            (``mean``, ``min``, ``max``).
         output_png: the PNG to write.
 
     Returns:

@@ -12,6 +12,7 @@ from conftest import REPO_ROOT, run_bundle
 from custom import figures, report
 from custom.demo import make_demo_dataset
 from custom.nifti_io import VoxShieldInputError
+from custom.results import CLEAN, FULL, Variant, collect_results
 
 CT_WINDOW = (-175.0, 250.0)
 CHANGE_HU = 6
@@ -85,7 +86,7 @@ def markdown_rows(markdown: str, title_start: str) -> dict[str, dict[str, str]]:
 
 
 def test_tables(results_dir, tmp_path):
-    results = report.collect_results([results_dir, results_dir / "clean_unet" / "results.json"])
+    results = collect_results([results_dir, results_dir / "clean_unet" / "results.json"])
     assert len(results) == 7  # a file named twice counts once
     markdown = report.tables(results)
 
@@ -126,7 +127,7 @@ def test_tables(results_dir, tmp_path):
 
 
 def test_tables_only_with_rows(tmp_path):
-    results = report.collect_results(results_file(tmp_path / "a", victim="segresnet"))
+    results = collect_results(results_file(tmp_path / "a", victim="segresnet"))
     markdown = report.tables(results)
     assert "Table 1" not in markdown and "Table 3" not in markdown  # no UNet victim, no ablation
     assert markdown_rows(markdown, "Table 2")["segresnet"]["FLARE21 clean DSC (%)"] == "80.00"
@@ -142,10 +143,10 @@ def test_bad_results_file(tmp_path, content, message):
     bad.parent.mkdir()
     bad.write_text(content)
     with pytest.raises(VoxShieldInputError, match=message) as caught:
-        report.collect_results([tmp_path])
+        collect_results([tmp_path])
     assert str(bad) in str(caught.value)
     with pytest.raises(VoxShieldInputError, match="not found"):
-        report.collect_results(tmp_path / "missing")
+        collect_results(tmp_path / "missing")
 
 
 @pytest.fixture(scope="module")
@@ -236,7 +237,7 @@ def test_other_settings_leave_the_paper_tables_for_table_4(tmp_path):
     results_file(root / "authors", "voxshield", dice=0.50, training={**defaults, "surrogate_batches_per_epoch": 10})
     results_file(root / "authors_long", "voxshield", dice=0.20,
                  training={**defaults, "surrogate_batches_per_epoch": 10, "epochs": 100})
-    markdown = report.tables(report.collect_results(root))
+    markdown = report.tables(collect_results(root))
 
     assert markdown_rows(markdown, "Table 1")["voxshield"]["FLARE21 DSC (%)"] == "60.00"  # the default run alone
     assert list(markdown_rows(markdown, "Table 3")) == ["clean (reference)", "full"]
@@ -267,7 +268,7 @@ def test_countermeasure_matrix(tmp_path):
     results_file(root / "tap", "tap", dice=0.70)  # no countermeasure tried on it: no row
     results_file(root / "random32", "random", dice=0.48, eps=32 / 255, fitted=False)
     results_file(root / "random32_z", "random", dice=0.57, eps=32 / 255, fitted=False, countermeasure="z_smooth")
-    markdown = report.tables(report.collect_results(root))
+    markdown = report.tables(collect_results(root))
 
     matrix = markdown_rows(markdown, "Countermeasures")
     assert list(matrix) == ["lsp", "random: eps 0.1255", "voxshield"]  # another bound: Table 4's name
@@ -293,7 +294,7 @@ def test_authors_protocol_section(tmp_path):
                  recipe_name="paper", training=full())
     results_file(root / "vox_paper1", "voxshield", victim="unet_paper", dice=0.21, best_dice=0.30,
                  recipe_name="paper", training=full(), seed=1)
-    markdown = report.tables(report.collect_results(root))
+    markdown = report.tables(collect_results(root))
 
     rows = markdown_rows(markdown, "The authors' protocol")
     assert rows["voxshield"]["DSC last (%)"] == "28.00" and rows["voxshield"]["last, % of clean"] == "40.00"
@@ -304,7 +305,7 @@ def test_authors_protocol_section(tmp_path):
 
 
 def test_no_countermeasure_matrix_without_countermeasures(results_dir):
-    assert "Countermeasures" not in report.tables(report.collect_results(results_dir))
+    assert "Countermeasures" not in report.tables(collect_results(results_dir))
 
 
 def test_networks_other_than_train_json_leave_the_paper_tables(tmp_path):
@@ -321,7 +322,7 @@ def test_networks_other_than_train_json_leave_the_paper_tables(tmp_path):
                  training={**full(), **networks, "generator": {**networks["generator"], "norm": None}})
     results_file(root / "light", "voxshield", dice=0.40,
                  training={**full(), **networks, "surrogate": {**surrogate, "channels": [16, 32, 64, 128, 256]}})
-    markdown = report.tables(report.collect_results(root))
+    markdown = report.tables(collect_results(root))
 
     assert markdown_rows(markdown, "Table 1")["voxshield"]["FLARE21 DSC (%)"] == "60.00"
     table4 = markdown_rows(markdown, "Table 4")
@@ -337,7 +338,7 @@ def test_fit_lengths_and_training_free_bounds_are_kept_apart(tmp_path):
     results_file(root / "short_unetr", "voxshield", victim="unetr", dice=0.50, training=full())
     results_file(root / "lsp", "lsp", dice=0.70, fitted=False)
     results_file(root / "lsp_eps32", "lsp", dice=0.10, fitted=False, eps=32 / 255)
-    markdown = report.tables(report.collect_results(root))
+    markdown = report.tables(collect_results(root))
 
     table1 = markdown_rows(markdown, "Table 1")
     assert list(table1) == ["clean", "lsp", "voxshield, 50 epochs", "voxshield, 100 epochs"]
@@ -357,10 +358,10 @@ def test_fit_lengths_and_training_free_bounds_are_kept_apart(tmp_path):
 
 
 def test_variant_name():
-    assert report.Variant(report.CLEAN).name == "clean"
-    assert report.Variant("w/o L_SPD").name == "w/o L_SPD"
-    assert report.Variant(report.FULL, ("eps 0.06275", "50 epochs")).name == "full; eps 0.06275, 50 epochs"
-    assert report.Variant(report.FULL) == report.Variant("full", ())  # equal by value: the tables select by it
+    assert Variant(CLEAN).name == "clean"
+    assert Variant("w/o L_SPD").name == "w/o L_SPD"
+    assert Variant(FULL, ("eps 0.06275", "50 epochs")).name == "full; eps 0.06275, 50 epochs"
+    assert Variant(FULL) == Variant("full", ())  # equal by value: the tables select by it
 
 
 def test_frontier_table_and_figure(tmp_path):

@@ -1,0 +1,287 @@
+"""What a budget buys, what survives an exploiter's step, and the authors' protocol, each a view across
+victim results: the frontier, the countermeasure matrix and the authors' protocol section that
+custom.report adds to the paper's tables, from custom.results's summaries."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from custom.markdown import markdown_table
+from custom.results import CLEAN, FULL, MAIN_VICTIM, SLICE_VICTIM, Variant, by_fit_length, metric_cell, table4_row
+
+FLOOR_METHOD = "random"  # uniform noise in the ROI: what the support and the bound alone do
+FRONTIER_TITLE = "Frontier: victim DSC against the visibility of the perturbation"
+COUNTERMEASURE_TITLE = "Countermeasures: victim DSC (% of clean) after an exploiter's step"
+AUTHORS_PROTOCOL_TITLE = "The authors' protocol: whole-volume victims, best checkpoint on protected validation"
+
+
+# ---- shared by the views -------------------------------------------------------------------------
+def _recipe_labels(keys: set[str]) -> dict[str, str]:
+    """Recipe key -> what tells it from the others (" (epochs 50)"); "" for each when there is one."""
+    recipes = {key: json.loads(key) for key in keys}
+    names = {name for recipe in recipes.values() for name in recipe}
+    differing = sorted(name for name in names if len({json.dumps(r.get(name)) for r in recipes.values()}) > 1)
+    return {key: f" ({', '.join(f'{name} {recipe.get(name)}' for name in differing)})" if differing else ""
+            for key, recipe in recipes.items()}
+
+
+def _clean_dsc_by_recipe(victims: list[dict]) -> dict[str, list[float]]:
+    """The clean victims' DSC (%) per victim recipe (recipe_key): the references of "% of clean"."""
+    clean: dict[str, list[float]] = {}
+    for s in victims:
+        if s["method"] == CLEAN:
+            clean.setdefault(s["recipe_key"], []).append(s["values"]["dsc_percent"])
+    return clean
+
+
+def _seeds_text(seeds: list) -> str:
+    """The seeds of a row's victims, "?" for one not recorded."""
+    return ", ".join("?" if seed is None else str(seed) for seed in seeds)
+
+
+# ---- the frontier -------------------------------------------------------------------------------
+def frontier_rows(summaries: list[dict]) -> list[dict]:
+    """
+    What a budget buys: the UNet victims trained on copies made with train.json's settings but for
+    eps and mask_roi (a summary's "budget"), grouped by (method, support, eps) and victim recipe, a
+    method's fits of several lengths kept apart as in Table 1 ("voxshield, 100 epochs"). Each victim's
+    DSC is taken as a percentage of the mean DSC of the clean UNet victims trained with the same
+    recipe (any seed); a group without such a clean victim is left out, and so is every victim of an
+    exploiter's step (see countermeasure_matrix).
+
+    Args:
+        summaries: as returned by custom.results.summarise, one per results.json.
+
+    Returns:
+        one row per group, {"method" (with the recipe where several are present), "support" ("ROI" or
+        "whole volume"), "eps", "floor" (random noise in the ROI), "psnr_db_volume" and
+        "ssim_3d_volume" (the means, None when not measured), "dsc_percent_of_clean" ({"mean", "min",
+        "max"} over the victims), "seeds", "clean_dsc_percent" ({"mean", "results"}: the clean
+        reference) and "sources" (the results.json files)}; ordered by method (the floor first), ROI
+        before whole volume, then eps. Empty when no protected victim has a clean twin.
+    """
+    # no exploiter's step: what a step does is the countermeasure matrix's
+    victims = [s for s in summaries if s["victim"] == MAIN_VICTIM and s["values"]["dsc_percent"] is not None
+               and s["countermeasure"] is None]
+    clean = _clean_dsc_by_recipe(victims)
+    protected = [s for s in victims if s["budget"] is not None and s["recipe_key"] in clean]
+    row_name, name_order = by_fit_length(protected, lambda s: s["method"], lambda name: (name != FLOOR_METHOD, name))
+    recipe_labels = _recipe_labels({s["recipe_key"] for s in protected})
+    groups: dict[tuple, list[dict]] = {}
+    for s in protected:
+        eps, mask_roi = s["budget"]
+        groups.setdefault((name_order.index(row_name[id(s)]), not mask_roi, eps, s["recipe_key"]), []).append(s)
+    rows = []
+    for (order, whole_volume, eps, recipe), members in sorted(groups.items()):
+        reference = float(np.mean(clean[recipe]))
+        percents = [100 * s["values"]["dsc_percent"] / reference for s in members]
+        rows.append({
+            "method": name_order[order] + recipe_labels[recipe],
+            "support": "whole volume" if whole_volume else "ROI",
+            "eps": eps,
+            "floor": name_order[order] == FLOOR_METHOD and not whole_volume,
+            "psnr_db_volume": metric_cell(members, "psnr_db_volume")["mean"],
+            "ssim_3d_volume": metric_cell(members, "ssim_3d_volume")["mean"],
+            "dsc_percent_of_clean": {"mean": float(np.mean(percents)), "min": min(percents), "max": max(percents)},
+            "seeds": [s["seed"] for s in members],
+            "clean_dsc_percent": {"mean": reference, "results": len(clean[recipe])},
+            "sources": [s["source"] for s in members],
+        })
+    return rows
+
+
+def _eps_text(eps: float) -> str:
+    """eps as N/255 (the budgets are chosen in 255ths), to 3 significant digits."""
+    return f"{eps * 255:.3g}/255"
+
+
+def frontier_markdown(rows: list[dict]) -> str:
+    """
+    The frontier as a section of tables.md.
+
+    Args:
+        rows: as returned by frontier_rows, at least one.
+
+    Returns:
+        Markdown: the title, a table with a line per row (method, support, eps as N/255, PSNR, SSIM,
+        DSC as % of clean with the seeds' range, seeds) and a note on where the numbers come from,
+        ending in a newline.
+    """
+    cells = []
+    for row in rows:
+        dsc = row["dsc_percent_of_clean"]
+        spread = f" ({dsc['min']:.2f}-{dsc['max']:.2f})" if len(row["seeds"]) > 1 else ""
+        cells.append([
+            row["method"] + (" (floor)" if row["floor"] else ""), row["support"], _eps_text(row["eps"]),
+            "n/a" if row["psnr_db_volume"] is None else f"{row['psnr_db_volume']:.2f}",
+            "n/a" if row["ssim_3d_volume"] is None else f"{row['ssim_3d_volume']:.4f}",
+            f"{dsc['mean']:.2f}{spread}", _seeds_text(row["seeds"]),
+        ])
+    headers = ["method", "support", "eps", "PSNR (dB)", "SSIM", "DSC (% of clean)", "seeds"]
+    clean = sorted({f"{row['clean_dsc_percent']['mean']:.2f}% (n={row['clean_dsc_percent']['results']})"
+                    for row in rows})
+    note = (
+        f"From {sum(len(row['sources']) for row in rows)} results.json file(s); victim {MAIN_VICTIM}; copies made "
+        "with train.json's settings but for eps and the support (mask_roi: ROI, or the whole volume), ablations "
+        "and other settings left out. DSC (% of clean): each victim's mean DSC over the mean DSC of the clean "
+        f"victims trained with the same recipe ({' or '.join(clean)}), averaged over the victims' seeds, with the "
+        "lowest and highest seed in brackets. PSNR and SSIM: protected training copy vs its clean twin over the "
+        f"whole volume, as evaluate measures them on the written files. {FLOOR_METHOD} in the ROI (floor): uniform "
+        "noise of the same bound on the label; a method protects beyond what its support and bound alone do only "
+        "where it lies below that line. Figure: frontier.png."
+    )
+    return "\n".join([f"## {FRONTIER_TITLE}", "", markdown_table(headers, cells), "", note, ""])
+
+
+# ---- countermeasures ------------------------------------------------------------------------------
+def countermeasure_matrix(summaries: list[dict]) -> dict:
+    """
+    What survives an exploiter's step: for every protected copy (named as in Table 1, or as in Table 4
+    when made with other settings, e.g. another eps; loss ablations left out) and every victim recipe
+    of a 3D UNet (or the slice-wise 2D victim) with a clean victim of the same recipe, each victim's
+    DSC as a percentage of that clean victim's mean DSC, so a countermeasure that also costs the clean
+    victim accuracy is not counted as lifting the protection.
+
+    Args:
+        summaries: as returned by custom.results.summarise, one per results.json.
+
+    Returns:
+        {"columns": [column names], "rows": [{"method", "cells": {column: {"mean", "min", "max",
+        "results", "clean_dsc_percent"}}}]}; columns are "none", the countermeasures, "slice2d victim"
+        (with " + countermeasure" when both), each with the recipe's other differences in brackets.
+        Only copies with at least one countermeasure (or 2D victim) result get a row; empty rows and
+        columns when no result has a countermeasure or the 2D victim.
+    """
+    victims = [s for s in summaries if s["victim"] in (MAIN_VICTIM, SLICE_VICTIM)
+               and s["values"]["dsc_percent"] is not None and s["variant"].ablation in (CLEAN, FULL)]
+    if not any(s["countermeasure"] is not None or s["victim"] == SLICE_VICTIM for s in victims):
+        return {"columns": [], "rows": []}
+    clean = _clean_dsc_by_recipe(victims)
+    protected = [s for s in victims if s["method"] != CLEAN and s["recipe_key"] in clean]
+    # Table 1's names for copies made with train.json's settings, Table 4's for the others (another eps ...)
+    method, _ = by_fit_length([s for s in protected if not s["variant"].settings], lambda s: s["method"], str)
+    method.update({id(s): table4_row(s) for s in protected if s["variant"].settings})
+    method_order = sorted(set(method.values()))
+    differences = _recipe_labels({s["recipe_key"] for s in protected})
+
+    def column(s: dict) -> str:
+        step = [f"{SLICE_VICTIM} victim"] if s["victim"] == SLICE_VICTIM else []
+        step += [s["countermeasure"]] if s["countermeasure"] is not None else []
+        # the victim and the countermeasure are the column's name already
+        extra = [part for part in differences[s["recipe_key"]].strip(" ()").split(", ")
+                 if part and not part.startswith(("victim ", "countermeasure "))]
+        return " + ".join(step or ["none"]) + (f" ({', '.join(extra)})" if extra else "")
+
+    cells: dict[tuple[str, str], list[dict]] = {}
+    for s in protected:
+        cells.setdefault((method[id(s)], column(s)), []).append(s)
+    columns = sorted({name for _, name in cells}, key=lambda name: (name != "none", name))
+    rows = []
+    for row in method_order:
+        row_cells = {}
+        for name in columns:
+            members = cells.get((row, name), [])
+            if members:
+                reference = float(np.mean(clean[members[0]["recipe_key"]]))
+                percents = [100 * s["values"]["dsc_percent"] / reference for s in members]
+                row_cells[name] = {"mean": float(np.mean(percents)), "min": min(percents), "max": max(percents),
+                                   "results": len(members), "clean_dsc_percent": reference}
+        if any(name != "none" for name in row_cells):  # a copy no countermeasure was tried on says nothing here
+            rows.append({"method": row, "cells": row_cells})
+    return {"columns": columns, "rows": rows}
+
+
+def countermeasure_markdown(matrix: dict) -> str:
+    """
+    The countermeasure matrix as a section of tables.md.
+
+    Args:
+        matrix: as returned by countermeasure_matrix, with at least one row.
+
+    Returns:
+        Markdown: the title, a table with a line per method and a column per countermeasure (each
+        cell the mean % of clean, "-" where there is no result) and a note naming the clean victims'
+        DSC per column, ending in a newline.
+    """
+    lines = [[row["method"], *(f"{row['cells'][name]['mean']:.2f}" if name in row["cells"] else "-"
+                               for name in matrix["columns"])] for row in matrix["rows"]]
+    clean = [f"{name}: " + " / ".join(sorted({f"{row['cells'][name]['clean_dsc_percent']:.2f}%"
+                                              for row in matrix["rows"] if name in row["cells"]}))
+             for name in matrix["columns"]]
+    note = (
+        "Victim DSC as % of the clean victim's DSC under the same countermeasure and recipe (mean over seeds; "
+        f"victim {MAIN_VICTIM} unless the column names the slice-wise 2D victim); methods named as in Tables 1 and 4. "
+        f"Clean victims' DSC: {'; '.join(clean)}. Below 100: the copy still costs the victim accuracy after the "
+        "exploiter's step; about 100: the step removed the protection (or there was none)."
+    )
+    return "\n".join([f"## {COUNTERMEASURE_TITLE}", "", markdown_table(["method", *matrix["columns"]], lines), "",
+                      note, ""])
+
+
+# ---- the authors' protocol -----------------------------------------------------------------------
+def authors_protocol_rows(summaries: list[dict]) -> list[dict]:
+    """
+    The authors' protocol: the victims trained with the authors' recipe (evaluate's ``--recipe_name
+    paper``: whole volumes, the checkpoint best on a protected validation split), per method as in
+    Table 1 and dataset, with the clean victim of the same recipe as reference; victims of an
+    exploiter's step, loss ablations and other settings left out.
+
+    Args:
+        summaries: as returned by custom.results.summarise, one per results.json.
+
+    Returns:
+        rows {"method", "dataset", "last", "best", "last_percent_of_clean", "best_percent_of_clean",
+        "seeds"}: mean DSC (%) of the last and of the best-on-protected-validation checkpoint (None
+        where no victim recorded one), and each as % of the clean victims' mean (None without a clean
+        victim); ordered by method (clean first), then dataset. Empty without such victims.
+    """
+    paper = [s for s in summaries if s["recipe_name"] == "paper" and s["countermeasure"] is None
+             and s["variant"] in (Variant(CLEAN), Variant(FULL)) and s["values"]["dsc_percent"] is not None]
+    names, order = by_fit_length(paper, lambda s: s["method"], lambda name: (name != CLEAN, name))
+    groups: dict[tuple, list[dict]] = {}
+    for s in paper:
+        groups.setdefault((order.index(names[id(s)]), s["dataset"], s["recipe_key"]), []).append(s)
+    clean = {(dataset, key): members for (index, dataset, key), members in groups.items() if order[index] == CLEAN}
+    rows = []
+    for (index, dataset, key), members in sorted(groups.items()):
+        last = float(np.mean([s["values"]["dsc_percent"] for s in members]))
+        bests = [s["best_dsc_percent"] for s in members if s["best_dsc_percent"] is not None]
+        best = float(np.mean(bests)) if bests else None
+        reference = clean.get((dataset, key))
+        clean_last = float(np.mean([s["values"]["dsc_percent"] for s in reference])) if reference else None
+        clean_bests = [s["best_dsc_percent"] for s in reference or [] if s["best_dsc_percent"] is not None]
+        clean_best = float(np.mean(clean_bests)) if clean_bests else None
+        rows.append({
+            "method": order[index], "dataset": dataset, "last": last, "best": best,
+            "last_percent_of_clean": None if not clean_last else 100 * last / clean_last,
+            "best_percent_of_clean": None if best is None or not clean_best else 100 * best / clean_best,
+            "seeds": [s["seed"] for s in members],
+        })
+    return rows
+
+
+def authors_protocol_markdown(rows: list[dict]) -> str:
+    """
+    The authors' protocol as a section of tables.md.
+
+    Args:
+        rows: as returned by authors_protocol_rows, at least one.
+
+    Returns:
+        Markdown: the title, a table with a line per row (numbers to 2 decimals, "n/a" for None) and
+        a note on the recipe, ending in a newline.
+    """
+    def number(value):
+        return "n/a" if value is None else f"{value:.2f}"
+
+    cells = [[row["method"], row["dataset"], number(row["last"]), number(row["last_percent_of_clean"]),
+              number(row["best"]), number(row["best_percent_of_clean"]),
+              _seeds_text(row["seeds"])] for row in rows]
+    headers = ["method", "dataset", "DSC last (%)", "last, % of clean", "DSC best on protected validation (%)",
+               "best, % of clean", "seeds"]
+    note = ("Victims trained with the authors' recipe (evaluate --recipe_name paper: whole volumes, batch 8, "
+            "Adam 5e-4, the checkpoint best on a validation split of the victim's own, protected, training data); "
+            "scored on the clean test cases; % of clean: over the clean victim of the same recipe.")
+    return "\n".join([f"## {AUTHORS_PROTOCOL_TITLE}", "", markdown_table(headers, cells), "", note, ""])
