@@ -42,10 +42,18 @@ def _seeds_text(seeds: list) -> str:
 
 
 # ---- the frontier -------------------------------------------------------------------------------
+def _method_line(summary: dict) -> str:
+    """A frontier line's name: the method, with its own hyperparameters where they are not train.json's,
+    e.g. "carrier (period 4, orientation random)"."""
+    settings = summary["method_settings"]
+    return f"{summary['method']} ({', '.join(settings)})" if settings else summary["method"]
+
+
 def frontier_rows(summaries: list[dict]) -> list[dict]:
     """
     What a budget buys: the UNet victims trained on copies made with train.json's settings but for
-    eps and mask_roi (a summary's "budget"), grouped by (method, support, eps) and victim recipe, a
+    eps, mask_roi and the method's own hyperparameters (a summary's "budget"), grouped by (method with
+    those hyperparameters, support, eps) and victim recipe, a
     method's fits of several lengths kept apart as in Table 1 ("voxshield, 100 epochs"). Each victim's
     DSC is taken as a percentage of the mean DSC of the clean UNet victims trained with the same
     recipe (any seed); a group without such a clean victim is left out, and so is every victim of an
@@ -67,7 +75,7 @@ def frontier_rows(summaries: list[dict]) -> list[dict]:
                and s["countermeasure"] is None]
     clean = _clean_dsc_by_recipe(victims)
     protected = [s for s in victims if s["budget"] is not None and s["recipe_key"] in clean]
-    row_name, name_order = by_fit_length(protected, lambda s: s["method"], lambda name: (name != FLOOR_METHOD, name))
+    row_name, name_order = by_fit_length(protected, _method_line, lambda name: (name != FLOOR_METHOD, name))
     recipe_labels = _recipe_labels({s["recipe_key"] for s in protected})
     groups: dict[tuple, list[dict]] = {}
     for s in protected:

@@ -33,6 +33,9 @@ CLEAN_REFERENCE = "clean (reference)"
 SETTINGS = ("eps", "roi_dilation", "squash", "mask_roi", "surrogate_steps", "generator_steps",
             "surrogate_batches_per_epoch")
 NETWORKS = {"generator": "generator_def", "surrogate": "surrogate_def"}  # training record key -> config key
+# A method's own hyperparameters that make a different copy (its defaults: its entry under "protectors" in
+# train.json); a copy made with other values is a variant of the method, named with them
+METHOD_SETTINGS = {"carrier": ("period", "axes", "orientation", "coding", "outside_amplitude")}
 
 
 # ---- collecting ---------------------------------------------------------------------------------
@@ -122,7 +125,7 @@ def _variant(result: dict) -> Variant:
         return Variant(FULL)
     spd, isc = _enabled(settings.get("lambda_spd")), _enabled(settings.get("lambda_isc"))
     ablation = ABLATIONS[(not spd) + 2 * (not isc)]  # ABLATIONS lists full, w/o SPD, w/o ISC, w/o both
-    other = _other_settings(settings)
+    other = _other_settings(settings) + _method_settings(result["run"]["method"], settings)
     if other and "epochs" in settings:  # Table 4 compares fits of any length: keep them apart
         other.append(f"{settings['epochs']} epochs")
     return Variant(ablation, tuple(other))
@@ -136,12 +139,18 @@ def _training(result: dict) -> dict | None:
 @functools.cache
 def train_defaults() -> dict:
     """
-    configs/train.json's values of SETTINGS and NETWORKS, read once.
+    configs/train.json's values of SETTINGS, METHOD_SETTINGS and NETWORKS, read once.
 
     Returns:
-        setting or network config key (e.g. "eps", "generator_def") -> its value in train.json.
+        setting or network config key (e.g. "eps", "protectors#carrier#period", "generator_def") -> its
+        value in train.json.
     """
-    return shared_defaults(SETTINGS, tuple(NETWORKS.values()))
+    method_keys = tuple(f"protectors#{method}#{name}" for method, names in METHOD_SETTINGS.items() for name in names)
+    return shared_defaults(SETTINGS + method_keys, tuple(NETWORKS.values()))
+
+
+def _differs(value, default) -> bool:
+    return not math.isclose(value, default) if isinstance(default, float) else value != default
 
 
 def _other_settings(settings: dict) -> list[str]:
@@ -151,10 +160,8 @@ def _other_settings(settings: dict) -> list[str]:
     defaults = train_defaults()
     other = []
     for name in SETTINGS:
-        default = defaults[name]
-        value = settings.get(name, default)
-        same = math.isclose(value, default) if isinstance(default, float) else value == default
-        if not same:
+        value = settings.get(name, defaults[name])
+        if _differs(value, defaults[name]):
             other.append(setting_text(name, value))
     for record_key, config_key in NETWORKS.items():
         built = settings.get(record_key) or {}  # records written before networks were recorded: the default
@@ -163,13 +170,22 @@ def _other_settings(settings: dict) -> list[str]:
     return other
 
 
+def _method_settings(method: str, parameters: dict) -> list[str]:
+    """The hyperparameters of METHOD_SETTINGS[method] in ``parameters`` (a copy's) that differ from
+    train.json's, as "name value"; [] for a method without such settings."""
+    defaults = train_defaults()
+    return [setting_text(name, parameters[name]) for name in METHOD_SETTINGS.get(method, ())
+            if name in parameters and _differs(parameters[name], defaults[f"protectors#{method}#{name}"])]
+
+
 def _budget(result: dict) -> tuple[float, bool] | None:
     """
     The budget of a protected copy as the frontier compares them: (eps, mask_roi), from the copy's
     perturbation parameters (then its training record, then configs/train.json's defaults). None for
     clean data and for a copy made with other settings than train.json's besides these two (an
     ablated loss, another ROI dilation, other networks...), which the frontier leaves out; the fitting
-    length is kept apart by the frontier's rows instead.
+    length and a method's own hyperparameters (METHOD_SETTINGS) are kept apart by the frontier's rows
+    instead.
     """
     if result["run"]["method"] == CLEAN:
         return None
@@ -225,7 +241,8 @@ def summarise(result: dict) -> dict:
         result: one of collect_results's dicts.
 
     Returns:
-        {"source", "dataset", "method", "victim", "variant" (a Variant), "fit_epochs" (the training
+        {"source", "dataset", "method", "method_settings" (its own hyperparameters that differ from
+        train.json's, as "name value"), "victim", "variant" (a Variant), "fit_epochs" (the training
         record's epochs, None without one), "test_cases", "recipe" ((epochs, iterations,
         augmentation)), "recipe_key" (the recipe without its seed, as text), "countermeasure",
         "recipe_name", "best_dsc_percent" (the checkpoint best on protected validation, None without
@@ -241,6 +258,7 @@ def summarise(result: dict) -> dict:
         "source": result.get("source"),
         "dataset": str(run.get("dataset_name") or Path(str(run.get("test_data"))).name),
         "method": run["method"],
+        "method_settings": tuple(_method_settings(run["method"], (result.get("protection") or {}).get("parameters") or {})),
         "victim": str(run["victim"]),
         "variant": _variant(result),
         "fit_epochs": (_training(result) or {}).get("epochs"),

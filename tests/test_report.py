@@ -20,11 +20,13 @@ CHANGE_HU = 6
 
 def results_file(folder, method="clean", victim="unet", dataset="FLARE21", dice=0.8, hd95=5.0, psnr=None,
                  ssim=None, training=None, test_cases=3, epochs=100, eps=4 / 255, fitted=True, mask_roi=True, seed=0,
-                 countermeasure=None, recipe_name=None, best_dice=None):
+                 countermeasure=None, recipe_name=None, best_dice=None, parameters=None):
     """A results.json as custom.evaluate writes it, with only the fields the report reads filled in
-    (``fitted=False``: a training-free method, no checkpoint)."""
+    (``fitted=False``: a training-free method, no checkpoint; ``parameters``: the method's own, recorded
+    beside the bound's)."""
     protection = None if method == "clean" else {
-        "method": method, "parameters": {"eps": eps, "roi_dilation": 0, "squash": "tanh", "mask_roi": mask_roi},
+        "method": method,
+        "parameters": {"eps": eps, "roi_dilation": 0, "squash": "tanh", "mask_roi": mask_roi, **(parameters or {})},
         "fitted": {"checkpoint": "generator.pt", "sha256": "0" * 64, "training": training} if fitted else None,
     }
     content = {
@@ -423,6 +425,29 @@ def with_switch(path, countermeasure):
     content = json.loads(path.read_text())
     content["recipe"]["countermeasure"] = countermeasure
     path.write_text(json.dumps(content))
+
+
+def test_a_methods_own_hyperparameters_make_a_frontier_line_and_a_table_4_row_of_their_own(tmp_path):
+    root = tmp_path / "runs"
+    results_file(root / "clean", dice=0.80)
+    defaults = {"period": 2.0, "axes": [0, 1], "orientation": "diagonal", "coding": "phase", "outside_amplitude": 1.0}
+    results_file(root / "checkerboard", "carrier", dice=0.40, psnr=36.0, ssim=0.97, fitted=False, mask_roi=False,
+                 parameters=defaults)
+    results_file(root / "period4", "carrier", dice=0.60, psnr=36.5, ssim=0.98, fitted=False, mask_roi=False,
+                 parameters={**defaults, "period": 4.0, "orientation": "random"})
+    results_file(root / "band", "carrier", dice=0.20, psnr=38.0, ssim=0.98, fitted=False, parameters=defaults)
+    banded = json.loads((root / "band" / "results.json").read_text())
+    banded["protection"]["parameters"]["roi_dilation"] = 3  # another support than the frontier's two
+    (root / "band" / "results.json").write_text(json.dumps(banded))
+
+    report.write_report(root, tmp_path / "out")
+    markdown = (tmp_path / "out" / "tables.md").read_text()
+    assert [row[:5] for row in table_lines(markdown, "Frontier")[2:]] == [
+        ["carrier", "whole volume", "4/255", "36.00", "0.9700"],
+        ["carrier (period 4, orientation random)", "whole volume", "4/255", "36.50", "0.9800"]]
+    table4 = {row[0] for row in table_lines(markdown, "Table 4")[2:]}
+    assert {"carrier: mask_roi False", "carrier: mask_roi False, period 4, orientation random",
+            "carrier: roi_dilation 3"} <= table4
 
 
 def test_no_frontier_without_protected_results(tmp_path):
