@@ -13,7 +13,7 @@ import numpy as np
 from monai.data import MetaTensor
 from monai.transforms import MapLabelValue, MapTransform
 
-from custom.nifti_io import VoxShieldInputError, load_nifti, read_stored, slope_inter
+from custom.nifti_io import NiftiFile, VoxShieldInputError, read_nifti, slope_inter
 
 BRATS_MODALITIES = ("flair", "t1", "t1ce", "t2")
 BRATS_LABELS = {0: "background", 1: "necrotic and non-enhancing core", 2: "oedema", 4: "enhancing tumour"}
@@ -239,21 +239,26 @@ def open_dataset(
 @dataclass
 class LoadedCase:
     """A case in memory: source-unit channels (C, H, W, D) float64, the label map, per channel
-    the normalisation offset and scale: normalised = clip((source - offset) / scale, 0, 1), and the
-    label's 4x4 voxel-to-world affine (the images share it)."""
+    the normalisation offset and scale: normalised = clip((source - offset) / scale, 0, 1), the
+    label's 4x4 voxel-to-world affine (the images share it), and each of the case's files as read
+    (relative name -> NiftiFile), so that writing a protected copy reads nothing again."""
 
     image: np.ndarray
     label: np.ndarray
     offsets: np.ndarray
     scales: np.ndarray
-    affine: np.ndarray | None = None
+    affine: np.ndarray
+    files: dict[str, NiftiFile]
 
 
-def _channel_arrays(spec: DatasetSpec, case: Case, label_shape, label_affine) -> list[np.ndarray]:
-    arrays = []
+def _channel_arrays(spec: DatasetSpec, case: Case, label_shape, label_affine) -> tuple[list[np.ndarray], dict]:
+    """Each image file of ``case`` read and checked against the label: (its channels in source units,
+    relative name -> NiftiFile)."""
+    arrays, files = [], {}
     for name in case.images:
         path = spec.root / name
-        image = load_nifti(path)
+        files[name] = read_nifti(path)
+        image = files[name].image
         shape = image.shape
         expected = spec.num_channels if len(case.images) == 1 else 1
         if len(shape) == 4 and shape[3] == expected and expected > 1:
@@ -270,14 +275,13 @@ def _channel_arrays(spec: DatasetSpec, case: Case, label_shape, label_affine) ->
             raise VoxShieldInputError(f"{path}: image shape {spatial} differs from label shape {label_shape}.")
         if not np.allclose(image.affine, label_affine, atol=AFFINE_TOLERANCE_MM):
             raise VoxShieldInputError(f"{path}: affine differs from the label's affine.")
-        stored = read_stored(image, path)
         slope, inter = slope_inter(image)
-        values = stored.astype(np.float64) * slope + inter
+        values = files[name].stored.astype(np.float64) * slope + inter
         if not np.isfinite(values).all():
             raise VoxShieldInputError(f"{path}: contains NaN or Inf values.")
         values = values.reshape(spatial + (-1,))
         arrays.extend(np.moveaxis(values, -1, 0))
-    return arrays
+    return arrays, files
 
 
 def fit_scaling(values: np.ndarray, kind: str, spec: DatasetSpec, source: Path | str = "") -> tuple[float, float]:
@@ -309,19 +313,21 @@ def fit_scaling(values: np.ndarray, kind: str, spec: DatasetSpec, source: Path |
 
 def load_case(spec: DatasetSpec, case: Case, allow_empty_label: bool = False) -> LoadedCase:
     """
-    Read and check one case: every file exists and is a readable NIfTI, the label is 3D, integer and
-    (unless ``allow_empty_label``) non-empty with values from the dataset's labels, each image has
-    the label's shape and affine, the expected channel count and only finite values.
+    Read (each file once) and check one case: every file exists and is a readable NIfTI, the label
+    is 3D, integer and (unless ``allow_empty_label``) non-empty with values from the dataset's
+    labels, each image has the label's shape and affine, the expected channel count and only finite
+    values.
 
     Raises:
         VoxShieldInputError: with a one-line message naming the offending file.
     """
     label_path = spec.root / case.label
-    label_image = load_nifti(label_path)
+    label_file = read_nifti(label_path)
+    label_image = label_file.image
     if len(label_image.shape) != 3:
         raise VoxShieldInputError(f"{label_path}: label must be a 3D volume, got shape {label_image.shape}.")
     slope, inter = slope_inter(label_image)
-    label_values = read_stored(label_image, label_path).astype(np.float64) * slope + inter
+    label_values = label_file.stored.astype(np.float64) * slope + inter
     if not np.isfinite(label_values).all() or not np.array_equal(label_values, np.round(label_values)):
         raise VoxShieldInputError(f"{label_path}: label holds non-integer values.")
     label = label_values.astype(np.int64)
@@ -330,14 +336,16 @@ def load_case(spec: DatasetSpec, case: Case, allow_empty_label: bool = False) ->
         raise VoxShieldInputError(f"{label_path}: label values {unknown} are not in the dataset's labels.")
     if not allow_empty_label and not (label > 0).any():
         raise VoxShieldInputError(f"{label_path}: label is empty (no foreground), so there is no ROI to protect.")
-    channels = _channel_arrays(spec, case, label_image.shape, label_image.affine)
+    channels, image_files = _channel_arrays(spec, case, label_image.shape, label_image.affine)
     files = case.images if len(case.images) > 1 else case.images * len(channels)  # the file of each channel
     scaling = [
         fit_scaling(values, kind, spec, spec.root / name)
         for values, kind, name in zip(channels, spec.normalisation, files)
     ]
     offsets, scales = (np.array(values) for values in zip(*scaling))
-    return LoadedCase(np.stack(channels), label, offsets, scales, label_image.affine)
+    return LoadedCase(
+        np.stack(channels), label, offsets, scales, label_image.affine, {case.label: label_file, **image_files}
+    )
 
 
 def normalise(image: np.ndarray, offsets: np.ndarray, scales: np.ndarray) -> np.ndarray:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
-import shutil
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -20,12 +20,17 @@ class VoxShieldInputError(ValueError):
         super().__init__(" ".join(message.split()))  # library messages may span lines
 
 
-def load_nifti(path: Path) -> nib.Nifti1Image:
-    """Open a NIfTI file (header only; data is read lazily), raising VoxShieldInputError if unusable."""
+def _check_nifti_name(path: Path) -> None:
+    """Refuse a missing file, or one not named as a NIfTI file."""
     if not path.is_file():
         raise VoxShieldInputError(f"{path}: file not found.")
     if not path.name.endswith((".nii", ".nii.gz")):
         raise VoxShieldInputError(f"{path}: not a NIfTI file (.nii or .nii.gz expected).")
+
+
+def load_nifti(path: Path) -> nib.Nifti1Image:
+    """Open a NIfTI file (header only; data is read lazily), raising VoxShieldInputError if unusable."""
+    _check_nifti_name(path)
     try:
         image = nib.load(path)
     except Exception as error:  # nibabel raises many types for damaged files
@@ -35,24 +40,42 @@ def load_nifti(path: Path) -> nib.Nifti1Image:
     return image
 
 
-def read_stored(image: nib.Nifti1Image, path: Path) -> np.ndarray:
-    """The voxel values as stored on disk (before scl_slope/scl_inter), in the file's dtype."""
+@dataclass
+class NiftiFile:
+    """
+    A NIfTI file read from disk once, holding all that is made of it: its bytes as on disk (for
+    byte-identical copies), the decompressed bytes before its voxel data (header, extensions,
+    padding: written again in front of new values), the image nibabel reads from them (shape,
+    affine, scaling, dtype) and the voxel values as stored (before scl_slope/scl_inter), in the
+    file's dtype.
+    """
+
+    raw: bytes
+    header_bytes: bytes
+    image: nib.Nifti1Image | nib.Nifti2Image
+    stored: np.ndarray
+
+
+def read_nifti(path: Path) -> NiftiFile:
+    """Read a whole NIfTI file with one read from disk, raising VoxShieldInputError if unusable."""
+    _check_nifti_name(path)
+    raw = path.read_bytes()
     try:
-        return np.asanyarray(image.dataobj.get_unscaled())
-    except Exception as error:  # truncated gzip streams surface only when the data is read
+        data = gzip.decompress(raw) if path.name.endswith(".gz") else raw
+        image_class = nib.Nifti1Image if nib.Nifti1Header.may_contain_header(data) else nib.Nifti2Image
+        image = image_class.from_bytes(data)
+    except Exception as error:  # gzip and nibabel raise many types for damaged files
+        raise VoxShieldInputError(f"{path}: corrupt NIfTI ({error}).") from error
+    try:
+        stored = np.asanyarray(image.dataobj.get_unscaled())
+    except Exception as error:  # a truncated data block surfaces only when the data is read
         raise VoxShieldInputError(f"{path}: corrupt NIfTI data ({error}).") from error
+    return NiftiFile(raw, data[: int(image.dataobj.offset)], image, stored)
 
 
 def slope_inter(image: nib.Nifti1Image) -> tuple[float, float]:
     """The scaling nibabel applies to stored values (1, 0 when the header sets none)."""
     return float(image.dataobj.slope), float(image.dataobj.inter)
-
-
-def _header_prefix(source: Path, vox_offset: int) -> bytes:
-    """The source file's bytes before the voxel data: header, extensions and padding, verbatim."""
-    opener = gzip.open if source.name.endswith(".gz") else open
-    with opener(source, "rb") as stream:
-        return stream.read(vox_offset)
 
 
 def _temporary_for(path: Path) -> Path:
@@ -73,29 +96,15 @@ def write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-def copy_atomic(source: Path, destination: Path) -> None:
-    """Byte-identical copy of a file, through a temporary file."""
-    temporary = _temporary_for(destination)
-    try:
-        with open(source, "rb") as reader, open(temporary, "xb") as writer:
-            shutil.copyfileobj(reader, writer)
-        os.replace(temporary, destination)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-
-
-def write_stored_like(source: Path, image: nib.Nifti1Image, stored: np.ndarray, destination: Path) -> None:
+def write_stored_like(source: NiftiFile, stored: np.ndarray, destination: Path) -> None:
     """
     Write ``stored`` (values in the source's on-disk dtype) as a NIfTI whose header bytes are the
     source's own: same dtype, byte order, affine, scaling and extensions. Compression follows the
     file name (.nii.gz or .nii).
     """
-    vox_offset = int(image.dataobj.offset)
-    dtype = image.dataobj.dtype
-    if stored.shape != image.shape:
-        raise ValueError(f"{destination}: data shape {stored.shape} differs from source {image.shape}.")
-    payload = _header_prefix(source, vox_offset) + np.asarray(stored, dtype=dtype).tobytes(order="F")
+    if stored.shape != source.image.shape:
+        raise ValueError(f"{destination}: data shape {stored.shape} differs from source {source.image.shape}.")
+    payload = source.header_bytes + np.asarray(stored, dtype=source.image.dataobj.dtype).tobytes(order="F")
     if destination.name.endswith(".gz"):
         payload = gzip.compress(payload, compresslevel=6, mtime=0)
     write_atomic(destination, payload)

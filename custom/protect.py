@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -13,19 +14,10 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from custom.bundle_utils import TRAINING_RECORD
-from custom.data import Case, DatasetSpec, load_case, normalise
+from custom.data import Case, DatasetSpec, LoadedCase, load_case, normalise
 from custom.manifest import MANIFEST_NAME, build_manifest, write_manifest
 from custom.metrics import imperceptibility
-from custom.nifti_io import (
-    VoxShieldInputError,
-    copy_atomic,
-    load_nifti,
-    read_stored,
-    sha256,
-    slope_inter,
-    write_atomic,
-    write_stored_like,
-)
+from custom.nifti_io import VoxShieldInputError, sha256, slope_inter, write_atomic, write_stored_like
 from custom.protector_base import Protector
 
 PROGRESS_DIR = ".voxshield_progress"
@@ -114,13 +106,13 @@ def _case_done(output: Path, case_id: str) -> bool:
     )
 
 
-def _copy_files(root: Path, output: Path, names: list[str]) -> dict[str, str]:
-    """Copy ``names`` (relative paths) from ``root`` to ``output`` byte for byte; name -> sha256 of each copy."""
-    copied = {}
-    for name in names:
-        copy_atomic(root / name, output / name)
-        copied[name] = sha256(output / name)
-    return copied
+def _write_copies(output: Path, copies: Iterable[tuple[str, bytes]]) -> dict[str, str]:
+    """Write each (relative name, file bytes) to ``output``, one at a time; name -> sha256 of each copy."""
+    written = {}
+    for name, data in copies:
+        write_atomic(output / name, data)
+        written[name] = sha256(output / name)
+    return written
 
 
 # ---- the fitted checkpoint -----------------------------------------------------------------------
@@ -187,14 +179,14 @@ def _load_fitted(protector: Protector, checkpoint: Path | None, device: torch.de
 
 # ---- stored values -------------------------------------------------------------------------------
 def _write_protected_images(
-    root: Path, output: Path, names: list[str], delta_source: np.ndarray, bounds: np.ndarray
+    loaded: LoadedCase, output: Path, names: list[str], delta_source: np.ndarray, bounds: np.ndarray
 ) -> tuple[dict[str, str], np.ndarray]:
     """
     Add a perturbation to the values stored in a case's image files and write them to ``output``
     with their headers (see bounded_stored_values).
 
     Args:
-        root: the source dataset.
+        loaded: the case as read, its files among them.
         output: the protected copy.
         names: the case's image files (relative paths), 3D or 4D, in channel order.
         delta_source: (C, H, W, D) change in each channel's source units.
@@ -207,16 +199,16 @@ def _write_protected_images(
     protected_source = np.empty(delta_source.shape, dtype=np.float64)
     channel = 0
     for name in names:
-        image = load_nifti(root / name)
-        stored = read_stored(image, root / name)
-        slope, inter = slope_inter(image)
+        source = loaded.files[name]
+        stored = source.stored
+        slope, inter = slope_inter(source.image)
         count = 1 if stored.ndim == 3 else stored.shape[3]
         change = np.moveaxis(delta_source[channel : channel + count], 0, -1).reshape(stored.shape)
         new = np.empty_like(stored)
         for index in range(count):  # each channel has its own bound
             part = (slice(None),) * 3 + ((index,) if stored.ndim == 4 else ())
             new[part] = bounded_stored_values(stored[part], change[part], slope, bounds[channel + index])
-        write_stored_like(root / name, image, new, output / name)
+        write_stored_like(source, new, output / name)
         files[name] = sha256(output / name)
         values = np.moveaxis((new.astype(np.float64) * slope + inter).reshape(stored.shape[:3] + (-1,)), -1, 0)
         protected_source[channel : channel + count] = values
@@ -273,11 +265,12 @@ class DatasetProtector:
         return delta[0].double().cpu().numpy() * support, support[0]
 
     def _protect_case(self, case: Case) -> dict:
-        """Write one case's protected images and copied label; returns its manifest record."""
-        root, output = self.dataset.root, self.output_dir
+        """Write one case's protected images and copied label, all made from one read of its files;
+        returns its manifest record."""
+        output = self.output_dir
         loaded = load_case(self.dataset, case, allow_empty_label=self.copy_empty_labels)
         if not (loaded.label > 0).any():
-            files = _copy_files(root, output, case.images + [case.label])
+            files = _write_copies(output, ((name, loaded.files[name].raw) for name in case.images + [case.label]))
             return {
                 "case_id": case.case_id, "images": case.images, "label": case.label,
                 "protected": False, "reason": "empty label", "files": files,
@@ -287,9 +280,9 @@ class DatasetProtector:
         delta, roi = self._perturbation_for(clean, loaded.label)
         bounds = self.protector.perturbation.eps * loaded.scales
         files, protected_source = _write_protected_images(
-            root, output, case.images, delta * loaded.scales.reshape(-1, 1, 1, 1), bounds
+            loaded, output, case.images, delta * loaded.scales.reshape(-1, 1, 1, 1), bounds
         )
-        files.update(_copy_files(root, output, [case.label]))
+        files.update(_write_copies(output, [(case.label, loaded.files[case.label].raw)]))
 
         change_source = np.abs(protected_source - loaded.image)
         protected = normalise(protected_source, loaded.offsets, loaded.scales)
@@ -316,13 +309,14 @@ class DatasetProtector:
         case_files = {name for case in self.dataset.cases for name in case.images + [case.label]}
         names = [path.relative_to(root).as_posix() for path in sorted(root.rglob("*")) if path.is_file()]
         others = [name for name in names if name not in case_files and not name.startswith(".")]
-        return _copy_files(root, self.output_dir, others)
+        return _write_copies(self.output_dir, ((name, (root / name).read_bytes()) for name in others))
 
     def run(self) -> dict | None:
         """Protect every case (sharded across ranks); returns the manifest on rank 0 (None on other ranks)."""
         rank, world_size = _rank_and_world_size()
         check_output_location(self.dataset.root, self.output_dir)
-        for case in self.dataset.cases:  # every check before the first write
+        # every check before the first write, which takes a read of every case; protecting it reads it once more
+        for case in self.dataset.cases:
             load_case(self.dataset, case, allow_empty_label=self.copy_empty_labels)
         self.protector.to(self.device)
         fitted = _load_fitted(self.protector, self.checkpoint, self.device)

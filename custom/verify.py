@@ -44,7 +44,7 @@ MANIFEST = "voxshield_manifest.json"
 MANIFEST_FORMAT = "voxshield-manifest/"
 
 
-# Restates custom.nifti_io's _header_prefix on purpose: the checker must not reuse the writer it checks.
+# Restates custom.nifti_io.read_nifti's header_bytes on purpose: the checker must not reuse the writer it checks.
 def header_bytes(path: Path, offset: int) -> bytes:
     """The (decompressed) bytes before the voxel data: header, extensions, padding."""
     opener = gzip.open if path.name.endswith(".gz") else open

@@ -70,7 +70,7 @@ def test_training_without_the_cache_gives_the_same_losses(flare_data, tmp_path):
     assert "cache_rate 1: caching 3 of 3 cases" in runs["cached"].stdout
     assert "Loading dataset: 100%" in runs["cached"].stderr  # CacheDataset's progress bar as it caches
     assert "custom.caching" not in runs["uncached"].stdout and "Loading dataset" not in runs["uncached"].stderr
-    cached, uncached = first_epoch_losses(tmp_path / "cached" / "logs"), first_epoch_losses(tmp_path / "uncached" / "logs")
-    assert set(cached) == {"loss", "surrogate_loss", "segmentation_loss", "spd_loss", "isc_loss"}
-    assert len(cached["loss"]) == 2  # 3 cases in batches of 2
-    assert cached == uncached
+    losses = {name: first_epoch_losses(tmp_path / name / "logs") for name in runs}
+    assert set(losses["cached"]) == {"loss", "surrogate_loss", "segmentation_loss", "spd_loss", "isc_loss"}
+    assert len(losses["cached"]["loss"]) == 2  # 3 cases in batches of 2
+    assert losses["cached"] == losses["uncached"]

@@ -1,8 +1,12 @@
 """protect's guarantees, checked on the files it writes: bound in the written dtype, untouched labels,
 outside-ROI voxels and headers, manifest, atomic and resumable output, refusal to clobber."""
 
+import builtins
+import collections
 import filecmp
+import io
 import json
+import os
 from pathlib import Path
 import math
 
@@ -94,6 +98,31 @@ def test_protect_flare_int16_ct(flare_data, tmp_path, random_checkpoints):
     assert record["psnr_db_roi"] == pytest.approx(10 * math.log10(1 / mse_roi), rel=1e-6)
     assert record["roi_fraction"] == pytest.approx(roi.mean())
     assert 0.9 < record["ssim_3d_volume"] < 1.0
+
+
+def test_protect_reads_each_case_file_once_to_check_and_once_to_protect(flare_data, tmp_path, random_checkpoints,
+                                                                         monkeypatch):
+    """Every check runs before the first write, which takes a read of every case file; protecting a
+    case then reads each of its files once more, a read that gives the normalisation, the label, the
+    stored values, the header bytes and the label's copy. Other files are read once, to copy them."""
+    source = flare_data.resolve()
+    reads = collections.Counter()
+    real_open = io.open
+
+    def counting_open(file, mode="r", *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and "r" in mode and Path(file).resolve().is_relative_to(source):
+            reads[Path(file).resolve().relative_to(source).as_posix()] += 1
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", counting_open)
+    monkeypatch.setattr(io, "open", counting_open)
+    protector(flare_data, tmp_path / "out", random_checkpoints[1], 1).run()
+    monkeypatch.undo()
+    cases = [f"train_00{index}" for index in range(3)]
+    expected = {f"TrainingImg/{case}_0000.nii.gz": 2 for case in cases}
+    expected |= {f"TrainingMask/{case}.nii.gz": 2 for case in cases}
+    assert reads == {**expected, "voxshield_demo.json": 1}
+    assert_protected_copy(flare_data, tmp_path / "out", EPS, ct=True)
 
 
 def test_protect_brats_float32_mri(brats_data, tmp_path, random_checkpoints):
