@@ -10,6 +10,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import run_in_process
 from custom import caching
 from custom.data import open_dataset
+from custom.nifti_io import VoxShieldInputError
 
 # The conftest demo cases are 32 x 32 x 16 voxels; the cache holds each image channel (FLARE: 1 CT
 # channel, BraTS: 4 MRI channels) and the label as float32, 4 bytes a voxel.
@@ -47,6 +48,16 @@ def test_processes_on_one_machine_share_the_cache_memory(brats_data, monkeypatch
     assert caching.cache_rate_for(open_dataset(brats_data)) == 1.0
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     assert caching.cache_rate_for(open_dataset(brats_data)) == 0.5
+
+
+def test_available_memory_is_memavailable_and_its_absence_is_reported(tmp_path, monkeypatch):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       32000000 kB\nMemFree:         1000000 kB\nMemAvailable:    2500000 kB\n")
+    monkeypatch.setattr(caching, "MEMINFO", meminfo)
+    assert caching.available_memory_bytes() == 2500000 * 1024
+    meminfo.write_text("MemTotal:       32000000 kB\n")
+    with pytest.raises(VoxShieldInputError, match=f"{meminfo}: no MemAvailable, so the cache cannot be sized"):
+        caching.available_memory_bytes()
 
 
 def first_epoch_losses(log_dir):
