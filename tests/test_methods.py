@@ -85,6 +85,30 @@ def test_evaluate_checks_the_method_of_its_training_data(flare_data, tmp_path):
     assert results["run"]["method"] == "random" and results["protection"]["fitted"] is None
 
 
+def test_switches_given_as_words_on_the_bundle_command_line_are_booleans(flare_data, tmp_path):
+    """fire passes `--mask_roi false` as the string "false", which is truthy: a copy said to cover the whole
+    volume would have covered the label only. The configs read such switches with bundle_utils.as_bool."""
+    ckpt, output = tmp_path / "ckpt", tmp_path / "protected"
+    trained = run_in_process("training", "--dataset_dir", str(flare_data), "--ckpt_dir", str(ckpt), "--log_dir",
+                             str(tmp_path / "logs"), "--method", "random", "--mask_roi", "false", "--amp", "false")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    record = json.loads((ckpt / "training_config.json").read_text())
+    assert record["mask_roi"] is False and record["amp"] is False
+    protected = run_in_process("protect", "--dataset_dir", str(flare_data), "--ckpt_dir", str(ckpt),
+                               "--output_dir", str(output), "--method", "random", "--mask_roi", "false")
+    assert protected.returncode == 0, protected.stderr[-3000:]
+    manifest = json.loads((output / "voxshield_manifest.json").read_text())
+    assert manifest["parameters"]["mask_roi"] is False
+    case = manifest["cases"][0]
+    label = nib.load(flare_data / case["label"]).get_fdata()
+    changed = nib.load(output / case["images"][0]).get_fdata() != nib.load(flare_data / case["images"][0]).get_fdata()
+    assert changed[label == 0].mean() > 0.5, "a whole-volume copy left the background untouched"
+    wrong = run_in_process("protect", "--dataset_dir", str(flare_data), "--ckpt_dir", str(ckpt),
+                           "--output_dir", str(tmp_path / "wrong"), "--method", "random", "--mask_roi", "perhaps")
+    assert wrong.returncode != 0 and "--mask_roi must be true or false, got 'perhaps'" in wrong.stderr
+    assert not (tmp_path / "wrong").exists()
+
+
 def test_protect_with_a_checkpoint_of_another_method_or_bound_fails(flare_data, tmp_path):
     """The refusal reads only training_config.json beside the checkpoint, so the fitted em surrogate is
     written here as training would leave it (its record's method and perturbation settings)."""
