@@ -19,7 +19,7 @@ never trains), ``authors_schedule`` (``--surrogate_batches_per_epoch 10``: the s
 once per seed, to measure how much a single run's score varies.
 
 Every step is the bundle command a user would run. Result files, tables, figures and
-``benchmark.json`` (each command with its wall time and exit code, hardware, versions) go to
+``benchmark.json`` (each command with its wall time, peak memory and exit code, hardware, versions) go to
 ``--results_dir`` (default benchmarks/results/la_mri); checkpoints and protected volumes go to
 ``--work_dir`` (default benchmarks/work, which git and docker ignore), never into a committed folder; the record and the result
 files name paths relative to the repository (../shared/data/la_mri) and the interpreter ``python``
@@ -34,12 +34,15 @@ listed as reused, so a grid can be split over several invocations.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -49,6 +52,7 @@ from custom.bundle_utils import config_files  # noqa: E402
 from custom.provenance import hardware, software_versions  # noqa: E402
 
 DATA = REPO_ROOT.parent / "shared" / "data" / "la_mri"
+PEAK_RSS = Path(__file__).resolve().with_name("peak_rss.py")  # runs every step, to measure its peak memory
 BUNDLE = "voxshield_brats"
 RUNS = {  # run name -> method, its overrides of train.json alone, its perturbation overrides (train and protect)
     "full": ("voxshield", [], []),
@@ -85,10 +89,15 @@ PROTOCOL = ["full", "no_spd", "no_isc", "random", "lsp", "em", "tap", "umed", "s
 BASELINE_SURROGATE = '--surrogate_def#channels "[16,32,64,128,256]" --surrogate_def#num_res_units 1'
 
 
-def bundle(run_id: str, *args: str) -> list[str]:
-    """`python -m monai.bundle run RUN_ID` of the brats bundle, its configs named relative to the repository."""
+def bundle(run_id: str, *args: str, overlays: Sequence[str] = (),
+           launcher: Sequence[str] = (sys.executable,)) -> list[str]:
+    """
+    `python -m monai.bundle run RUN_ID ARGS` of the brats bundle, its configs named relative to the
+    repository, then ``overlays`` (configs layered last, e.g. configs/multi_gpu_train.json); ``launcher``
+    runs the module (torchrun: ``python -m torch.distributed.run --nproc_per_node=2 ...``).
+    """
     configs = [Path(path).relative_to(REPO_ROOT).as_posix() for path in config_files(BUNDLE, run_id)]
-    return [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", repr(configs), *args]
+    return [*launcher, "-m", "monai.bundle", "run", run_id, "--config_file", repr([*configs, *overlays]), *args]
 
 
 # ---- paths in committed files ---------------------------------------------------------------------
@@ -140,9 +149,10 @@ def normalise_paths(folder: Path, replacements: dict[str, str]) -> list[Path]:
 class Steps:
     """
     The steps of one benchmark invocation, each a command run from the repository root, and its record
-    ``RESULTS/RECORD``: every command with its wall time and exit code (or the output it reused), the
-    options, hardware, versions and total wall time, rewritten after every step. The record and every
-    JSON or Markdown file under RESULTS name paths relative to the repository (see local_replacements).
+    ``RESULTS/RECORD``: every command with its wall time, peak resident memory and exit code (or the
+    output it reused), the options, hardware, versions and total wall time, rewritten after every step.
+    The record and every JSON or Markdown file under RESULTS name paths relative to the repository
+    (``replacements``, by default local_replacements).
 
     Args:
         results: the results folder (created).
@@ -156,21 +166,41 @@ class Steps:
         self.results, self.record, self.data, self.options, self.resume = results, record, data, options, resume
         self.steps: list[dict] = []
         self.started = time.perf_counter()
+        self.replacements = local_replacements()
         results.mkdir(parents=True, exist_ok=True)
 
-    def run(self, name: str, command: list[str], output: Path | None = None) -> None:
-        """Run ``command`` (or reuse ``output`` under --resume); exits the benchmark when it fails."""
+    def run(self, name: str, command: list[str], output: Path | None = None, log: Path | None = None) -> dict:
+        """
+        Run ``command`` (or reuse ``output`` under --resume); exits the benchmark when it fails.
+
+        Args:
+            name: the step's name in the record.
+            command: the command, run from the repository root.
+            output: what the step makes, for --resume.
+            log: a file that takes the command's output (stdout and stderr) instead of the terminal.
+
+        Returns:
+            the step's entry in the record; ``peak_rss_mib`` is the command's peak resident memory, the
+            largest of its process and of the processes it waited for (see peak_rss.py, which runs it).
+        """
         if self.resume and output is not None and output.exists():
             self.steps.append({"step": name, "command": shlex.join(command), "reused": str(output)})
-            return
+            return self.steps[-1]
         print(f"== {name}: {shlex.join(command)}", flush=True)
         start = time.perf_counter()
-        completed = subprocess.run(command, cwd=REPO_ROOT)
+        with tempfile.NamedTemporaryFile("r") as peak, \
+                open(log, "w") if log is not None else contextlib.nullcontext() as stream:
+            completed = subprocess.run([sys.executable, str(PEAK_RSS), peak.name, *command], cwd=REPO_ROOT,
+                                       stdout=stream, stderr=subprocess.STDOUT if log is not None else None)
+            peak_kilobytes = int(peak.read() or 0)  # empty when the launcher itself failed
         self.steps.append({"step": name, "command": shlex.join(command), "exit_code": completed.returncode,
-                           "wall_time_s": round(time.perf_counter() - start, 1)})
+                           "wall_time_s": round(time.perf_counter() - start, 1),
+                           "peak_rss_mib": round(peak_kilobytes / 1024, 1)})
         self.write()
         if completed.returncode:
-            sys.exit(f"{name} failed with exit code {completed.returncode}")
+            tail = f"; the end of its output ({log}):\n{log.read_text()[-3000:]}" if log is not None else ""
+            sys.exit(f"{name} failed with exit code {completed.returncode}{tail}")
+        return self.steps[-1]
 
     def skip(self, name: str, reason: str) -> None:
         """List a step that the benchmark decided not to run, with the reason."""
@@ -184,30 +214,42 @@ class Steps:
     def write(self) -> None:
         """Write the record, then make the paths of every result file relative."""
         (self.results / self.record).write_text(json.dumps(self.summary(), indent=1))
-        normalise_paths(self.results, local_replacements())
+        normalise_paths(self.results, self.replacements)
+
+
+def add_location_arguments(parser: argparse.ArgumentParser, results_dir: Path, record: str) -> None:
+    """Where a benchmark reads and writes: --data (default la_mri), --results_dir (default ``results_dir``)
+    and --record, the file name of its record there (default ``record``)."""
+    parser.add_argument("--data", default=str(DATA))
+    parser.add_argument("--results_dir", default=str(results_dir))
+    parser.add_argument("--record", default=record, help="file name, in --results_dir, of this invocation's record")
+
+
+def add_override_arguments(parser: argparse.ArgumentParser) -> None:
+    """Extra overrides of the bundle commands a benchmark runs: --generator_args for VoxShield's training
+    runs, --victim_args for evaluate's."""
+    parser.add_argument("--generator_args", default="",
+                        help="extra overrides for every VoxShield training run (a run's own override wins)")
+    parser.add_argument("--victim_args", default="",
+                        help="extra overrides of every victim's evaluate run (e.g. a smaller --patch_size on tiny data)")
 
 
 def add_protocol_arguments(parser: argparse.ArgumentParser, record: str) -> None:
     """The options every la_mri benchmark shares: where things are, fitting and victim lengths, resuming,
     and the record's file name (default ``record``)."""
-    parser.add_argument("--data", default=str(DATA))
-    parser.add_argument("--results_dir", default=str(REPO_ROOT / "benchmarks" / "results" / "la_mri"))
+    add_location_arguments(parser, REPO_ROOT / "benchmarks" / "results" / "la_mri", record)
+    add_override_arguments(parser)
     parser.add_argument("--work_dir", default=str(REPO_ROOT / "benchmarks" / "work"))
     parser.add_argument("--generator_epochs", type=int, default=10, help="VoxShield fitting epochs")
     parser.add_argument("--baseline_epochs", type=int, default=5, help="surrogate fitting epochs of the baselines")
     parser.add_argument("--victim_epochs", type=int, default=15)
     parser.add_argument("--victim_seeds", default="0",
                         help="comma-separated victim seeds; each victim is trained once per seed (the tables average them)")
-    parser.add_argument("--generator_args", default="",
-                        help="extra overrides for every VoxShield training run (a run's own override wins)")
     parser.add_argument("--baseline_args", default=BASELINE_SURROGATE,
                         help="extra overrides of training and protect for the baselines; by default a lighter "
                              "surrogate (16..256 channels, 1 residual unit) to fit the CPU budget")
-    parser.add_argument("--victim_args", default="",
-                        help="extra overrides of every victim's evaluate run (e.g. a smaller --patch_size on tiny data)")
     parser.add_argument("--resume", action="store_true", help="skip steps whose outputs exist")
     parser.add_argument("--skip_clean", action="store_true", help="no clean victim (an earlier result is kept)")
-    parser.add_argument("--record", default=record, help="file name, in --results_dir, of this invocation's record")
 
 
 def start(options: argparse.Namespace) -> Steps:

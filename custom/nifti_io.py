@@ -12,6 +12,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+GZIP_LEVEL = 6  # what protect compresses a .nii.gz it writes with
 
 class VoxShieldInputError(ValueError):
     """A problem with the user's data; the message is one line that names the file."""
@@ -106,7 +107,7 @@ def write_stored_like(source: NiftiFile, stored: np.ndarray, destination: Path) 
         raise ValueError(f"{destination}: data shape {stored.shape} differs from source {source.image.shape}.")
     payload = source.header_bytes + np.asarray(stored, dtype=source.image.dataobj.dtype).tobytes(order="F")
     if destination.name.endswith(".gz"):
-        payload = gzip.compress(payload, compresslevel=6, mtime=0)
+        payload = gzip.compress(payload, compresslevel=GZIP_LEVEL, mtime=0)
     write_atomic(destination, payload)
 
 

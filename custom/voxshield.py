@@ -16,7 +16,8 @@ class VoxShield(Protector):
     in alternation. Each ``fit_step`` runs ``surrogate_steps`` updates of F on x_p with G fixed
     (DiceCE; only on the first ``surrogate_batches_per_epoch`` batches of an epoch when that is
     set), then ``generator_steps`` updates of G with F frozen, minimising
-    L = segmentation_loss(F(x_p), y) + lambda_spd * L_SPD(F(x_p), F(x)) + lambda_isc * L_ISC(delta).
+    L = segmentation_loss(F(x_p), y) + lambda_spd * L_SPD(F(x_p), F(x)) + lambda_isc * L_ISC(delta);
+    the two parts are ``fit_surrogate`` and ``fit_generator`` (benchmarks/speed.py times them apart).
     ``perturb`` runs G over a whole volume with ``inferer`` (sliding windows).
 
     fit_step returns ``loss`` (the generator's L), ``surrogate_loss``, ``segmentation_loss``,
@@ -93,20 +94,49 @@ class VoxShield(Protector):
         if None in (self.surrogate, self.generator_optimizer, self.surrogate_optimizer, self.segmentation_loss):
             raise ValueError("fitting VoxShield needs surrogate, both optimisers and segmentation_loss.")
         roi = self.support(label)
-        surrogate_loss = torch.zeros(())
         self.generator.train()
         self.surrogate.train()
         surrogate_steps = self.surrogate_steps
         if self._surrogate_batches_left is not None:
             surrogate_steps = surrogate_steps if self._surrogate_batches_left > 0 else 0
             self._surrogate_batches_left -= 1
-        for _ in range(surrogate_steps):
+        surrogate_loss = self.fit_surrogate(image, label, roi, surrogate_steps)
+        generator_losses = self.fit_generator(image, label, roi)
+        return {"loss": generator_losses.pop("loss"), "surrogate_loss": surrogate_loss.item(), **generator_losses}
+
+    def fit_surrogate(self, image: torch.Tensor, label: torch.Tensor, roi: torch.Tensor, steps: int) -> torch.Tensor:
+        """
+        The surrogate's part of a fit step: ``steps`` DiceCE updates of F on x_p, G fixed.
+
+        Args:
+            image, label: the batch of training patches.
+            roi: ``support(label)``.
+            steps: the number of updates (0 leaves F as it is).
+
+        Returns:
+            the last update's loss (a zero tensor when ``steps`` is 0).
+        """
+        surrogate_loss = torch.zeros(())
+        for _ in range(steps):
             with torch.no_grad(), self.autocast(image.device):
                 protected, _ = self.perturbation(image, self.generator(image), roi)
             with self.autocast(image.device):
                 surrogate_loss = self.segmentation_loss(self.surrogate(protected), label)
             self.optimiser_step(self.surrogate_optimizer, surrogate_loss)
+        return surrogate_loss
 
+    def fit_generator(self, image: torch.Tensor, label: torch.Tensor, roi: torch.Tensor) -> dict[str, float]:
+        """
+        The generator's part of a fit step: F's clean logits once, without gradients, then
+        ``generator_steps`` updates of G against F, frozen.
+
+        Args:
+            image, label: the batch of training patches.
+            roi: ``support(label)``.
+
+        Returns:
+            the last update's ``loss`` (L), ``segmentation_loss``, ``spd_loss`` and ``isc_loss``.
+        """
         frozen = getattr(self.surrogate, "module", self.surrogate)  # skip DDP's all-reduce in frozen passes
         frozen.eval()
         frozen.requires_grad_(False)
@@ -124,13 +154,8 @@ class VoxShield(Protector):
                 self.optimiser_step(self.generator_optimizer, loss)
         finally:
             frozen.requires_grad_(True)
-        return {
-            "loss": loss.item(),
-            "surrogate_loss": surrogate_loss.item(),
-            "segmentation_loss": segmentation.item(),
-            "spd_loss": spd.item(),
-            "isc_loss": isc.item(),
-        }
+        return {"loss": loss.item(), "segmentation_loss": segmentation.item(), "spd_loss": spd.item(),
+                "isc_loss": isc.item()}
 
     def perturb(self, image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         self.generator.eval()
