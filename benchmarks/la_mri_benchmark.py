@@ -71,10 +71,10 @@ RUNS = {  # run name -> method, its overrides of train.json alone, its perturbat
     "authors_schedule_100": ("voxshield", ["--surrogate_batches_per_epoch", "10", "--epochs", "100"], []),
     # the paper's own setting, per-batch alternation for 100 generator epochs (about an hour on 2 cores)
     "paper_100": ("voxshield", ["--epochs", "100"], []),
-    # a bound sweep of the two training-free noises: at which eps does a label-coded pattern (LSP) or
-    # a label-shaped texture (random) start to keep the victim from learning?
+    # a bound sweep of the training-free noises: at which eps does a label-coded pattern (LSP, the carrier)
+    # or a label-shaped texture (random) start to keep the victim from learning?
     **{f"{method}_eps{level}": (method, [], ["--eps", repr(level / 255)])
-       for method in ("lsp", "random") for level in (16, 32, 64)},
+       for method in ("lsp", "random", "carrier") for level in (16, 32, 64)},
     # issue 14's label-coded carriers beyond the frontier's default (la_mri_frontier.py --methods carrier:
     # the in-plane checkerboard, phase-coded): the label plus a 3-voxel band of opposite phase at 8/255,
     # a period-4 square wave of secret in-plane orientation over the whole volume at 4/255, and (as UnSeg
