@@ -7,6 +7,7 @@ import dataclasses
 import os
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -235,7 +236,9 @@ def frontier_figure(rows: list[dict], output_png: str | os.PathLike) -> Path:
         if row["psnr_db_volume"] is not None:
             lines.setdefault((row["method"], row["support"]), []).append(row)
     methods = list(dict.fromkeys(method for method, _ in lines))
-    colours = [f"C{index % 10}" for index in range(len(methods))]
+    # tab20's 10 strong colours, then their 10 light twins: a frontier has more methods than the default 10
+    palette = matplotlib.colormaps["tab20"].colors[0::2] + matplotlib.colormaps["tab20"].colors[1::2]
+    colours = [palette[index % len(palette)] for index in range(len(methods))]
     figure = Figure(figsize=(8, 5.5), layout="constrained")
     axis = figure.subplots()
     axis.axhline(100, color="grey", linewidth=1, label="clean victim (100%)")
