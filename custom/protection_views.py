@@ -172,15 +172,17 @@ def countermeasure_matrix(summaries: list[dict]) -> dict:
     method, _ = by_fit_length([s for s in protected if not s["variant"].settings], lambda s: s["method"], str)
     method.update({id(s): table4_row(s) for s in protected if s["variant"].settings})
     method_order = sorted(set(method.values()))
-    differences = _recipe_labels({s["recipe_key"] for s in protected})
+    # the victim and the countermeasure (with its settings) name the column already; other recipe
+    # differences (e.g. the epochs) are added in brackets
+    step_fields = ("victim", "countermeasure", "countermeasure_settings")
+    rest = {key: json.dumps({name: value for name, value in json.loads(key).items() if name not in step_fields},
+                            sort_keys=True) for key in {s["recipe_key"] for s in protected}}
+    differences = _recipe_labels(set(rest.values()))
 
     def column(s: dict) -> str:
         step = [f"{SLICE_VICTIM} victim"] if s["victim"] == SLICE_VICTIM else []
         step += [s["countermeasure"]] if s["countermeasure"] is not None else []
-        # the victim and the countermeasure are the column's name already
-        extra = [part for part in differences[s["recipe_key"]].strip(" ()").split(", ")
-                 if part and not part.startswith(("victim ", "countermeasure "))]
-        return " + ".join(step or ["none"]) + (f" ({', '.join(extra)})" if extra else "")
+        return " + ".join(step or ["none"]) + differences[rest[s["recipe_key"]]]
 
     cells: dict[tuple[str, str], list[dict]] = {}
     for s in protected:

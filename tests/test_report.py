@@ -35,7 +35,9 @@ def results_file(folder, method="clean", victim="unet", dataset="FLARE21", dice=
                 "method": method, "train_cases": 5, "test_cases": [f"case_{i}" for i in range(test_cases)]},
         "protection": protection,
         "recipe": {"victim": victim, "epochs": epochs, "iterations": 4 * epochs, "augmentation": False, "seed": seed,
-                   "countermeasure": countermeasure, **({"name": recipe_name} if recipe_name else {})},
+                   "countermeasure": countermeasure, **({"name": recipe_name} if recipe_name else {}),
+                   # as evaluate records them: settings for the countermeasures that have some, else null
+                   "countermeasure_settings": {"spacing_mm": [1.5, 1.5, 1.5]} if countermeasure == "resample" else None},
         "metrics": {"aggregate": {"regions": {}, "mean_dice": dice, "mean_hd95_mm": hd95,
                                   "empty_prediction_cases": 0, "cases": test_cases}, "cases": []},
         "imperceptibility": None if psnr is None else {"aggregate": {
@@ -270,14 +272,17 @@ def test_countermeasure_matrix(tmp_path):
     results_file(root / "tap", "tap", dice=0.70)  # no countermeasure tried on it: no row
     results_file(root / "random32", "random", dice=0.48, eps=32 / 255, fitted=False)
     results_file(root / "random32_z", "random", dice=0.57, eps=32 / 255, fitted=False, countermeasure="z_smooth")
+    # a countermeasure with settings of its own: they are part of the step, not another recipe
+    results_file(root / "clean_resampled", dice=0.70, countermeasure="resample")
+    results_file(root / "vox_resampled", "voxshield", dice=0.56, training=full(), countermeasure="resample")
     markdown = report.tables(collect_results(root))
 
     matrix = markdown_rows(markdown, "Countermeasures")
     assert list(matrix) == ["lsp", "random: eps 0.1255", "voxshield"]  # another bound: Table 4's name
     assert matrix["random: eps 0.1255"]["none"] == "60.00" and matrix["random: eps 0.1255"]["z_smooth"] == "95.00"
-    assert matrix["voxshield"] == {"method": "voxshield", "none": "50.00", "slice2d victim": "50.00",
-                                   "z_smooth": f"{100 * 0.51 / 0.60:.2f}"}
-    assert matrix["lsp"] == {"method": "lsp", "none": "-", "slice2d victim": "-", "z_smooth": "50.00"}
+    assert matrix["voxshield"] == {"method": "voxshield", "none": "50.00", "resample": "80.00",
+                                   "slice2d victim": "50.00", "z_smooth": f"{100 * 0.51 / 0.60:.2f}"}
+    assert matrix["lsp"] == {"method": "lsp", "none": "-", "resample": "-", "slice2d victim": "-", "z_smooth": "50.00"}
     table1 = markdown_rows(markdown, "Table 1")
     assert table1["voxshield"]["FLARE21 DSC (%)"] == "40.00" and table1["clean"]["FLARE21 DSC (%)"] == "80.00"
     assert "lsp" not in table1
