@@ -105,12 +105,14 @@ class LabelCodedCarrier(Protector):
         return torch.where(wave >= 0, 1.0, -1.0).float()
 
     def perturb(self, image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        size = image.shape[2:]
         foreground_classes = [int(c) for c in torch.unique(label).tolist() if c > 0]
+        # each carrier built once: under phase coding class 1's also fills the rest of the support
+        carriers = {c: self.carrier(c, image.shape[2:], image.device)
+                    for c in foreground_classes + ([1] if self.coding == "phase" else [])}
         pattern = torch.zeros_like(label, dtype=torch.float32)
         if self.coding == "phase":
-            pattern = pattern - self.outside_amplitude * self.carrier(1, size, image.device)
+            pattern = pattern - self.outside_amplitude * carriers[1]
         for class_index in foreground_classes:
-            pattern = torch.where(label == class_index, self.carrier(class_index, size, image.device), pattern)
+            pattern = torch.where(label == class_index, carriers[class_index], pattern)
         noise = self.perturbation.eps * pattern.to(image).expand_as(image)
         return self.perturbation.project(image, noise, self.support(label))[1]
