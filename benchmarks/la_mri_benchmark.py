@@ -84,6 +84,11 @@ RUNS = {  # run name -> method, its overrides of train.json alone, its perturbat
                                                      "--carrier_outside_amplitude", "0.25"]),
     "carrier_p4_volume_eps4": ("carrier", [], ["--carrier_period", "4", "--carrier_orientation", "random",
                                                "--mask_roi", "false"]),
+    # the in-plane carrier on the label at 16/255 with longer periods (diagonal stripes of 4 and 8 voxels),
+    # which interpolation, blur and low-resolution simulation in nnU-Net's augmentation damp less than the
+    # Nyquist checkerboard they undo
+    **{f"carrier_p{period}_eps16": ("carrier", [], ["--carrier_period", str(period), "--eps", repr(16 / 255)])
+       for period in (4, 8)},
 }
 PROTOCOL = ["full", "no_spd", "no_isc", "random", "lsp", "em", "tap", "umed", "sep", "pue"]
 BASELINE_SURROGATE = '--surrogate_def#channels "[16,32,64,128,256]" --surrogate_def#num_res_units 1'

@@ -75,6 +75,7 @@ from custom.provenance import hardware, software_versions
 from custom.voxshield import VoxShield
 
 PARTS = ("fit", "protect", "memory", "multiprocess")
+PROFILED_OPERATORS = 6  # the fit part's profile lists the operators with the most self time
 BATCH_SIZE = 2  # the fit part's batch, and the multiprocess part's total batch
 PROTECT_METHODS = ("random", "voxshield")
 CACHE_SETTINGS = {"default": [], "off": ["--cache_rate", "0"]}  # the memory part's: name -> overrides
@@ -182,6 +183,26 @@ def reference_generator_step(protector: VoxShield, image: torch.Tensor, label: t
     return protector.fit_generator(image, label, roi)
 
 
+def generator_step_profile(protector: VoxShield, image: torch.Tensor, label: torch.Tensor, roi: torch.Tensor) -> dict:
+    """
+    Where one generator step (VoxShield.fit_generator) spends its time, from torch.profiler: the
+    seconds of each phase the step labels (``voxshield.*``: clean forward, generator forward,
+    surrogate forward with the losses, backward with the update; main-thread time, so wall time on
+    the CPU) and the PROFILED_OPERATORS operators with the most self time.
+    """
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if image.is_cuda else [])
+    with torch.profiler.profile(activities=activities) as profiler:
+        protector.fit_generator(image, label, roi)
+    events = profiler.key_averages()
+    phases = {event.key.removeprefix("voxshield."): event.cpu_time_total / 1e6
+              for event in events if event.key.startswith("voxshield.")}
+    operators = sorted((event for event in events if not event.key.startswith("voxshield.")),
+                       key=lambda event: event.self_cpu_time_total, reverse=True)[:PROFILED_OPERATORS]
+    return {"phases_s": phases, "step_s": sum(phases.values()),
+            "top_operators": [{"name": event.key, "calls": event.count, "self_s": event.self_cpu_time_total / 1e6}
+                              for event in operators]}
+
+
 def random_batch(channels: int, side: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """A fixed batch of BATCH_SIZE cubic patches: intensities uniform in [0, 1], and a label whose
     centre cube of half the side is class 1, the rest background."""
@@ -218,6 +239,7 @@ def fit_timings(data: Path, side: int, warmup: int, iterations: int) -> dict:
         "patch_size": [side] * 3, "device": str(device), "amp": protector.amp,
         "seconds": timings,
         "generator_over_reference": timings["generator_step"]["median"] / timings["reference_generator_step"]["median"],
+        "generator_step_profile": generator_step_profile(protector, image, label, roi),
         "networks": {"generator": network_record(protector.generator),
                      "surrogate": network_record(protector.surrogate)},
         "wall_time_s": round(time.perf_counter() - started, 1),
@@ -465,6 +487,22 @@ def fit_table(part: dict) -> str:
                            "reference generator step (s)", "generator / reference"], rows)
 
 
+def profile_table(part: dict) -> str:
+    """The generator step's phases and busiest operators, seconds in one profiled step, per patch size
+    (the fit part of earlier records, measured without the profile, has none)."""
+    rows = []
+    for size in part["patch_sizes"]:
+        profile = size.get("generator_step_profile")
+        if profile is None:
+            continue
+        patch = "x".join(map(str, size["patch_size"]))
+        rows += [[patch, f"phase: {name}", "1", format_seconds(seconds), f"{seconds / profile['step_s']:.0%}"]
+                 for name, seconds in profile["phases_s"].items()]
+        rows += [[patch, f"operator: {operator['name']}", str(operator["calls"]), format_seconds(operator["self_s"]),
+                  f"{operator['self_s'] / profile['step_s']:.0%}"] for operator in profile["top_operators"]]
+    return markdown_table(["patch", "where", "calls", "seconds", "share of the step"], rows) if rows else ""
+
+
 def protect_table(part: dict) -> str:
     """Seconds per case of protect and of nibabel's read and write, and their ratio, per dataset and method."""
     rows = [[dataset["dataset"], str(dataset["cases"]), method,
@@ -510,6 +548,9 @@ def speed_markdown(record: dict) -> str:
                   table(measured)]
         if part == "multiprocess":
             lines += ["", f"2 processes / 1 process: {measured['two_over_one']:.3f}."]
+        if part == "fit" and profile_table(measured):
+            lines += ["", "Where one generator step's time goes (torch.profiler, one step after the timed ones; "
+                      "operators by self time):", "", profile_table(measured)]
     return "\n".join(lines)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from custom.losses import InterSliceSpectralLoss, SemanticPredictionDisruptionLoss
 from custom.perturbation import ROIBoundedPerturbation
@@ -141,17 +142,21 @@ class VoxShield(Protector):
         frozen.eval()
         frozen.requires_grad_(False)
         try:
-            with torch.no_grad(), self.autocast(image.device):
+            # the labelled phases show where the step's time goes under torch.profiler (benchmarks/speed.py)
+            with torch.no_grad(), self.autocast(image.device), record_function("voxshield.clean_forward"):
                 clean_logits = frozen(image)
             for _ in range(self.generator_steps):
                 with self.autocast(image.device):
-                    protected, delta = self.perturbation(image, self.generator(image), roi)
-                    protected_logits = frozen(protected)
-                    segmentation = self.segmentation_loss(protected_logits, label)
-                    spd = self.spd_loss(protected_logits, clean_logits)
-                    isc = self.isc_loss(delta)
-                    loss = segmentation + self.lambda_spd * spd + self.lambda_isc * isc
-                self.optimiser_step(self.generator_optimizer, loss)
+                    with record_function("voxshield.generator_forward"):
+                        protected, delta = self.perturbation(image, self.generator(image), roi)
+                    with record_function("voxshield.surrogate_forward_and_losses"):
+                        protected_logits = frozen(protected)
+                        segmentation = self.segmentation_loss(protected_logits, label)
+                        spd = self.spd_loss(protected_logits, clean_logits)
+                        isc = self.isc_loss(delta)
+                        loss = segmentation + self.lambda_spd * spd + self.lambda_isc * isc
+                with record_function("voxshield.backward_and_update"):
+                    self.optimiser_step(self.generator_optimizer, loss)
         finally:
             frozen.requires_grad_(True)
         return {"loss": loss.item(), "segmentation_loss": segmentation.item(), "spd_loss": spd.item(),

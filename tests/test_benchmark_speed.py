@@ -68,6 +68,16 @@ def test_speed_benchmark_end_to_end(tmp_path):
         assert step >= surrogate + generator  # the two parts are timed inside the iteration
     assert size["generator_over_reference"] == pytest.approx(
         size["seconds"]["generator_step"]["median"] / size["seconds"]["reference_generator_step"]["median"], rel=1e-12)
+    profile = size["generator_step_profile"]  # the phases fit_generator labels, each profiled once
+    assert set(profile["phases_s"]) == {"clean_forward", "generator_forward", "surrogate_forward_and_losses",
+                                        "backward_and_update"}
+    assert min(profile["phases_s"].values()) > 0
+    assert profile["step_s"] == pytest.approx(sum(profile["phases_s"].values()), rel=1e-12)
+    assert len(profile["top_operators"]) == speed.PROFILED_OPERATORS
+    self_seconds = [operator["self_s"] for operator in profile["top_operators"]]
+    assert self_seconds == sorted(self_seconds, reverse=True) and not any(
+        operator["name"].startswith("voxshield.") for operator in profile["top_operators"])
+    assert "phase: backward_and_update" in (results / "speed.md").read_text()
     generator, surrogate = size["networks"]["generator"], size["networks"]["surrogate"]
     assert generator["channels"] == [16, 32, 64, 128] and generator["num_res_units"] == 1
     assert surrogate["channels"] == [32, 64, 128, 256, 512] and surrogate["num_res_units"] == 2
