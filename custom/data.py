@@ -9,11 +9,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 from monai.data import MetaTensor
 from monai.transforms import MapLabelValue, MapTransform
 
-from custom.nifti_io import NiftiFile, VoxShieldInputError, read_nifti, slope_inter
+from custom.nifti_io import NiftiFile, VoxShieldInputError, load_nifti, read_nifti, slope_inter
 
 BRATS_MODALITIES = ("flair", "t1", "t1ce", "t2")
 BRATS_LABELS = {0: "background", 1: "necrotic and non-enhancing core", 2: "oedema", 4: "enhancing tumour"}
@@ -251,7 +252,54 @@ class LoadedCase:
     files: dict[str, NiftiFile]
 
 
-def _channel_arrays(spec: DatasetSpec, case: Case, label_shape, label_affine) -> tuple[list[np.ndarray], dict]:
+def _check_label_header(path: Path, label_image: nib.Nifti1Image) -> None:
+    """Refuse a label that is not a 3D volume."""
+    if len(label_image.shape) != 3:
+        raise VoxShieldInputError(f"{path}: label must be a 3D volume, got shape {label_image.shape}.")
+
+
+def _check_image_header(
+    spec: DatasetSpec, case: Case, path: Path, image: nib.Nifti1Image, label_image: nib.Nifti1Image
+) -> None:
+    """Refuse an image file of ``case`` (at ``path``) that does not hold its expected channels of a 3D
+    volume on the label's voxel grid (shape and affine)."""
+    shape = image.shape
+    expected = spec.num_channels if len(case.images) == 1 else 1
+    if len(shape) == 4 and shape[3] == expected and expected > 1:
+        spatial = shape[:3]
+    elif len(shape) == 3 or (len(shape) == 4 and shape[3] == 1):
+        spatial = shape[:3]
+        if expected != 1:
+            raise VoxShieldInputError(f"{path}: 1 channel found, {expected} expected.")
+    elif len(shape) == 2:
+        raise VoxShieldInputError(f"{path}: 2D image; VoxShield needs 3D volumes.")
+    else:
+        raise VoxShieldInputError(f"{path}: shape {shape} does not hold {expected} channel(s) of a 3D volume.")
+    if spatial != label_image.shape:
+        raise VoxShieldInputError(f"{path}: image shape {spatial} differs from label shape {label_image.shape}.")
+    if not np.allclose(image.affine, label_image.affine, atol=AFFINE_TOLERANCE_MM):
+        raise VoxShieldInputError(f"{path}: affine differs from the label's affine.")
+
+
+def check_case_headers(spec: DatasetSpec, case: Case) -> None:
+    """
+    The checks of load_case that the headers answer, without reading any voxel data: every file
+    exists and opens as a NIfTI, the label is 3D, and each image has the label's shape and affine and
+    the expected channel count. What only the data shows (values, corrupt data) is left to load_case.
+
+    Raises:
+        VoxShieldInputError: with a one-line message naming the offending file.
+    """
+    label_path = spec.root / case.label
+    label_image = load_nifti(label_path)
+    _check_label_header(label_path, label_image)
+    for name in case.images:
+        _check_image_header(spec, case, spec.root / name, load_nifti(spec.root / name), label_image)
+
+
+def _channel_arrays(
+    spec: DatasetSpec, case: Case, label_image: nib.Nifti1Image
+) -> tuple[list[np.ndarray], dict]:
     """Each image file of ``case`` read and checked against the label: (its channels in source units,
     relative name -> NiftiFile)."""
     arrays, files = [], {}
@@ -259,27 +307,12 @@ def _channel_arrays(spec: DatasetSpec, case: Case, label_shape, label_affine) ->
         path = spec.root / name
         files[name] = read_nifti(path)
         image = files[name].image
-        shape = image.shape
-        expected = spec.num_channels if len(case.images) == 1 else 1
-        if len(shape) == 4 and shape[3] == expected and expected > 1:
-            spatial = shape[:3]
-        elif len(shape) == 3 or (len(shape) == 4 and shape[3] == 1):
-            spatial = shape[:3]
-            if expected != 1:
-                raise VoxShieldInputError(f"{path}: 1 channel found, {expected} expected.")
-        elif len(shape) == 2:
-            raise VoxShieldInputError(f"{path}: 2D image; VoxShield needs 3D volumes.")
-        else:
-            raise VoxShieldInputError(f"{path}: shape {shape} does not hold {expected} channel(s) of a 3D volume.")
-        if spatial != label_shape:
-            raise VoxShieldInputError(f"{path}: image shape {spatial} differs from label shape {label_shape}.")
-        if not np.allclose(image.affine, label_affine, atol=AFFINE_TOLERANCE_MM):
-            raise VoxShieldInputError(f"{path}: affine differs from the label's affine.")
+        _check_image_header(spec, case, path, image, label_image)
         slope, inter = slope_inter(image)
         values = files[name].stored.astype(np.float64) * slope + inter
         if not np.isfinite(values).all():
             raise VoxShieldInputError(f"{path}: contains NaN or Inf values.")
-        values = values.reshape(spatial + (-1,))
+        values = values.reshape(label_image.shape + (-1,))
         arrays.extend(np.moveaxis(values, -1, 0))
     return arrays, files
 
@@ -324,8 +357,7 @@ def load_case(spec: DatasetSpec, case: Case, allow_empty_label: bool = False) ->
     label_path = spec.root / case.label
     label_file = read_nifti(label_path)
     label_image = label_file.image
-    if len(label_image.shape) != 3:
-        raise VoxShieldInputError(f"{label_path}: label must be a 3D volume, got shape {label_image.shape}.")
+    _check_label_header(label_path, label_image)
     slope, inter = slope_inter(label_image)
     label_values = label_file.stored.astype(np.float64) * slope + inter
     if not np.isfinite(label_values).all() or not np.array_equal(label_values, np.round(label_values)):
@@ -336,7 +368,7 @@ def load_case(spec: DatasetSpec, case: Case, allow_empty_label: bool = False) ->
         raise VoxShieldInputError(f"{label_path}: label values {unknown} are not in the dataset's labels.")
     if not allow_empty_label and not (label > 0).any():
         raise VoxShieldInputError(f"{label_path}: label is empty (no foreground), so there is no ROI to protect.")
-    channels, image_files = _channel_arrays(spec, case, label_image.shape, label_image.affine)
+    channels, image_files = _channel_arrays(spec, case, label_image)
     files = case.images if len(case.images) > 1 else case.images * len(channels)  # the file of each channel
     scaling = [
         fit_scaling(values, kind, spec, spec.root / name)

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from custom.bundle_utils import TRAINING_RECORD
-from custom.data import Case, DatasetSpec, LoadedCase, load_case, normalise
+from custom.data import Case, DatasetSpec, LoadedCase, check_case_headers, load_case, normalise
 from custom.manifest import MANIFEST_NAME, build_manifest, write_manifest
 from custom.metrics import imperceptibility
 from custom.nifti_io import VoxShieldInputError, sha256, slope_inter, write_atomic, write_stored_like
@@ -65,7 +65,7 @@ def check_output_location(source: Path, output: Path) -> None:
         raise VoxShieldInputError(f"{output}: output folder contains the input dataset {source}.")
 
 
-def _prepare_output(output: Path, run_info: dict, overwrite: bool) -> None:
+def _prepare_output(output: Path, run_info: dict, overwrite: bool) -> bool:
     """
     Create the output folder with its progress folder, resume an interrupted run into it, or refuse
     to clobber it.
@@ -75,6 +75,9 @@ def _prepare_output(output: Path, run_info: dict, overwrite: bool) -> None:
         run_info: what makes a run (method, checkpoint digest, settings); an interrupted run resumes
             only when it recorded the same.
         overwrite: replace an existing VoxShield output (a finished copy or an interrupted run).
+
+    Returns:
+        whether this run resumes an interrupted one (False: it starts in a new or empty folder).
     """
     progress = output / PROGRESS_DIR
     if output.exists() and any(output.iterdir()):
@@ -84,7 +87,7 @@ def _prepare_output(output: Path, run_info: dict, overwrite: bool) -> None:
                 raise VoxShieldInputError(
                     f"{output}: holds an interrupted run with other settings; pass --overwrite true."
                 )
-            return
+            return True
         if not overwrite:
             raise VoxShieldInputError(f"{output}: output folder exists; pass --overwrite true to replace it.")
         if not ((output / MANIFEST_NAME).is_file() or progress.is_dir()):
@@ -92,6 +95,7 @@ def _prepare_output(output: Path, run_info: dict, overwrite: bool) -> None:
         shutil.rmtree(output)
     progress.mkdir(parents=True, exist_ok=True)
     write_atomic(progress / "run.json", json.dumps(run_info).encode())
+    return False
 
 
 def _case_done(output: Path, case_id: str) -> bool:
@@ -104,6 +108,27 @@ def _case_done(output: Path, case_id: str) -> bool:
     return all(
         (output / name).is_file() and sha256(output / name) == digest for name, digest in record["files"].items()
     )
+
+
+def _remove_cases(output: Path, records: list[dict]) -> None:
+    """Remove the written files and progress records of the cases in ``records``."""
+    for record in records:
+        for name in record["files"]:
+            (output / name).unlink(missing_ok=True)
+        (output / PROGRESS_DIR / f"{record['case_id']}.json").unlink()
+
+
+def _clear_new_output(output: Path, existed: bool) -> None:
+    """Remove all that a new run wrote to ``output``: the folder, or its contents when the folder was
+    there before the run (empty, or emptied by --overwrite)."""
+    if not existed:
+        shutil.rmtree(output)
+        return
+    for path in output.iterdir():
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 def _write_copies(output: Path, copies: Iterable[tuple[str, bytes]]) -> dict[str, str]:
@@ -266,7 +291,7 @@ class DatasetProtector:
 
     def _protect_case(self, case: Case) -> dict:
         """Write one case's protected images and copied label, all made from one read of its files;
-        returns its manifest record."""
+        returns its manifest record. Bad data raises VoxShieldInputError (load_case) before any write."""
         output = self.output_dir
         loaded = load_case(self.dataset, case, allow_empty_label=self.copy_empty_labels)
         if not (loaded.label > 0).any():
@@ -302,6 +327,29 @@ class DatasetProtector:
             "files": files,
         }
 
+    def _protect_shard(self, shard: list[Case], rank: int) -> tuple[list[dict], VoxShieldInputError | None]:
+        """
+        Protect the cases of ``shard`` that no earlier run finished, stopping at the first with bad data.
+
+        Args:
+            shard: this rank's cases.
+            rank: this process's rank (only rank 0 shows progress).
+
+        Returns:
+            (the records of the cases written here, the bad case's error or None).
+        """
+        written = []
+        for case in tqdm(shard, desc=f"protect (rank {rank})", disable=rank > 0):
+            if _case_done(self.output_dir, case.case_id):
+                continue
+            try:
+                record = self._protect_case(case)
+            except VoxShieldInputError as error:  # from load_case, before the case wrote anything
+                return written, error
+            write_atomic(self.output_dir / PROGRESS_DIR / f"{case.case_id}.json", json.dumps(record).encode())
+            written.append(record)
+        return written, None
+
     def _copy_other_files(self) -> dict:
         """Copy every file that is not a case's image or label (dataset.json, README, unlabelled
         images): the output stays a complete dataset of the same format."""
@@ -312,33 +360,50 @@ class DatasetProtector:
         return _write_copies(self.output_dir, ((name, (root / name).read_bytes()) for name in others))
 
     def run(self) -> dict | None:
-        """Protect every case (sharded across ranks); returns the manifest on rank 0 (None on other ranks)."""
+        """
+        Protect every case (sharded across ranks); returns the manifest on rank 0 (None on other ranks).
+
+        Each case's data is read once, to protect it. What the headers tell (files exist and open as
+        NIfTI, shapes, affines, channel counts) is checked for every case, by every rank, before the
+        first write; what only the data tells (NaN or Inf, label values, corrupt data) is checked on
+        that one read. Data found bad there stops every rank, which then removes what this run wrote:
+        all of a new run's output, or the cases it added to the interrupted run it resumed.
+
+        Raises:
+            VoxShieldInputError: for bad input, naming the file (on every rank).
+        """
         rank, world_size = _rank_and_world_size()
         check_output_location(self.dataset.root, self.output_dir)
-        # every check before the first write, which takes a read of every case; protecting it reads it once more
         for case in self.dataset.cases:
-            load_case(self.dataset, case, allow_empty_label=self.copy_empty_labels)
+            check_case_headers(self.dataset, case)
         self.protector.to(self.device)
         fitted = _load_fitted(self.protector, self.checkpoint, self.device)
         parameters = {**self.protector.perturbation.settings(), **self.protector.settings()}
         run_info = {"method": self.protector.name, "checkpoint_sha256": fitted and fitted["sha256"], **parameters}
+        existed = resumed = True  # what rank 0, the one that prepares the output, finds
         if rank == 0:
-            _prepare_output(self.output_dir, run_info, self.overwrite)
+            existed = self.output_dir.exists()
+            resumed = _prepare_output(self.output_dir, run_info, self.overwrite)
         if world_size > 1:
             dist.barrier()
 
-        progress = self.output_dir / PROGRESS_DIR
-        shard = self.dataset.cases[rank::world_size]
-        for case in tqdm(shard, desc=f"protect (rank {rank})", disable=rank > 0):
-            if _case_done(self.output_dir, case.case_id):
-                continue
-            record = self._protect_case(case)
-            write_atomic(progress / f"{case.case_id}.json", json.dumps(record).encode())
-        if world_size > 1:
-            dist.barrier()
+        written, error = self._protect_shard(self.dataset.cases[rank::world_size], rank)
+        failures = [str(error)] if error else []
+        if world_size > 1:  # once every rank has finished its shard or stopped at bad data
+            gathered = [None] * world_size
+            dist.all_gather_object(gathered, failures)
+            failures = sum(gathered, [])
+        if failures:  # remove what this run wrote: each rank its cases, then rank 0 a new run's folder
+            _remove_cases(self.output_dir, written)
+            if world_size > 1:
+                dist.barrier()
+            if rank == 0 and not resumed:
+                _clear_new_output(self.output_dir, existed)
+            raise error or VoxShieldInputError(failures[0])
         if rank != 0:
             return None
 
+        progress = self.output_dir / PROGRESS_DIR
         records = [json.loads((progress / f"{case.case_id}.json").read_text()) for case in self.dataset.cases]
         manifest = build_manifest(
             self.dataset, self.protector.name, parameters, self.protector.perturbation.eps, fitted, records,

@@ -1,19 +1,26 @@
-"""Every kind of bad input stops protect before anything is written, with one line naming the file."""
+"""Every kind of bad input stops protect with one line naming the file and leaves no output: what the
+headers show before anything is written, what only the data shows on the read that protects the case,
+after which what the run wrote is removed."""
 
 import gzip
 import json
+import multiprocessing
 
 import nibabel as nib
 import numpy as np
 import pytest
+import torch.distributed as dist
 
-from conftest import run_bundle
+from checks import assert_protected_copy
+from conftest import EPS, run_bundle
 from custom.data import open_dataset
 from custom.nifti_io import VoxShieldInputError
+from custom.protect import DatasetProtector
 from test_protect import protector
 
 IMAGE = "TrainingImg/train_001_0000.nii.gz"
 LABEL = "TrainingMask/train_001.nii.gz"
+LAST_IMAGE = "TrainingImg/train_002_0000.nii.gz"  # the image of the last of flare_data's three cases
 
 
 def rewrite(path, array, affine=None):
@@ -37,9 +44,9 @@ def truncated_gzip(root):
     return IMAGE, "corrupt NIfTI"
 
 
-def shape_mismatch(root):
-    rewrite(root / IMAGE, np.zeros((32, 30, 16), np.int16))
-    return IMAGE, "differs from label shape"
+def shape_mismatch(root, name=IMAGE):
+    rewrite(root / name, np.zeros((32, 30, 16), np.int16))
+    return name, "differs from label shape"
 
 
 def affine_mismatch(root):
@@ -50,11 +57,11 @@ def affine_mismatch(root):
     return IMAGE, "affine differs from the label's affine"
 
 
-def nan_values(root):
-    data = nib.load(root / IMAGE).get_fdata().astype(np.float32)
+def nan_values(root, name=IMAGE):
+    data = nib.load(root / name).get_fdata().astype(np.float32)
     data[3, 3, 3] = np.nan
-    rewrite(root / IMAGE, data)
-    return IMAGE, "contains NaN or Inf"
+    rewrite(root / name, data)
+    return name, "contains NaN or Inf"
 
 
 def inf_values(root):
@@ -135,20 +142,144 @@ def test_dataset_level_errors(tmp_path, flare_data, random_checkpoints):
     assert not (tmp_path / "out").exists()
 
 
+def protect_command(dataset_dir, output, checkpoint):
+    """protect run as a user runs it, in a fresh process."""
+    return run_bundle("protect", "--dataset_dir", str(dataset_dir), "--checkpoint", str(checkpoint),
+                      "--output_dir", str(output))
+
+
+def reported_error(result):
+    """The last line a failed command wrote to stderr; its exit status must be non-zero."""
+    assert result.returncode != 0
+    return result.stderr.strip().splitlines()[-1]
+
+
 def test_cli_reports_one_line_and_fails(flare_data, tmp_path, random_checkpoints):
     nan_values(flare_data)
     output = tmp_path / "out"
-    result = run_bundle(
-        "protect", "--dataset_dir", str(flare_data), "--checkpoint", str(random_checkpoints[1]),
-        "--output_dir", str(output),
-    )
-    assert result.returncode != 0
-    assert result.stderr.strip().splitlines()[-1] == f"voxshield: error: {flare_data / IMAGE}: contains NaN or Inf values."
+    result = protect_command(flare_data, output, random_checkpoints[1])
+    assert reported_error(result) == f"voxshield: error: {flare_data / IMAGE}: contains NaN or Inf values."
     assert "Traceback" not in result.stderr
     assert not output.exists()
     result = run_bundle(
         "training", "--dataset_dir", str(flare_data), "--ckpt_dir", str(tmp_path / "ckpt"), "--epochs", "1",
     )
-    assert result.returncode != 0
-    assert result.stderr.strip().splitlines()[-1] == f"voxshield: error: {flare_data / IMAGE}: contains NaN or Inf values."
+    assert reported_error(result) == f"voxshield: error: {flare_data / IMAGE}: contains NaN or Inf values."
     assert not (tmp_path / "ckpt" / "generator.pt").exists()
+
+
+def recorded_cases(monkeypatch):
+    """The ids of the cases DatasetProtector protects from now on, in order (kept in the returned list)."""
+    protected, original = [], DatasetProtector._protect_case
+
+    def recording(self, case):
+        record = original(self, case)
+        protected.append(case.case_id)
+        return record
+
+    monkeypatch.setattr(DatasetProtector, "_protect_case", recording)
+    return protected
+
+
+def files_under(folder):
+    """Every file below ``folder``: relative path -> bytes."""
+    return {path.relative_to(folder): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+
+
+@pytest.mark.parametrize(
+    "breakage, written_first", [(shape_mismatch, []), (nan_values, ["train_000", "train_001"])],
+    ids=["header_shape", "data_nan"],
+)
+def test_bad_last_case_leaves_no_output(breakage, written_first, flare_data, tmp_path, random_checkpoints,
+                                        monkeypatch):
+    """A header problem in the last case stops protect before it writes anything; bad data, which only the
+    read that protects the case shows, once the first two cases are written: they are then removed with
+    the output folder."""
+    name, message = breakage(flare_data, LAST_IMAGE)
+    output = tmp_path / "out"
+    protected = recorded_cases(monkeypatch)
+    with pytest.raises(VoxShieldInputError, match=message) as raised:
+        protector(flare_data, output, random_checkpoints[1], 1).run()
+    assert str(raised.value).startswith(str(flare_data / name))
+    assert protected == written_first and not output.exists()
+
+
+def test_bad_data_in_the_last_case_from_the_command_line(flare_data, tmp_path, random_checkpoints):
+    """One line naming the file, a non-zero exit and no output folder; a folder that was there before
+    the run stays, emptied."""
+    name, message = nan_values(flare_data, LAST_IMAGE)
+    output = tmp_path / "out"
+    result = protect_command(flare_data, output, random_checkpoints[1])
+    assert reported_error(result) == f"voxshield: error: {flare_data / name}: contains NaN or Inf values."
+    assert not output.exists()
+    output.mkdir()
+    with pytest.raises(VoxShieldInputError, match=message):
+        protector(flare_data, output, random_checkpoints[1], 1).run()
+    assert output.is_dir() and not any(output.iterdir())
+
+
+def test_bad_data_when_resuming_leaves_the_interrupted_run_as_it_was(flare_data, tmp_path, random_checkpoints,
+                                                                     monkeypatch):
+    """A resumed run that meets bad data removes the cases it added: the interrupted run is left as it
+    was, and resumes once the data is fixed."""
+    output = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        original = DatasetProtector._protect_case
+
+        def interrupt_after_first_case(self, case):
+            if case.case_id != "train_000":
+                raise KeyboardInterrupt  # as if the user pressed Ctrl-C
+            return original(self, case)
+
+        patch.setattr(DatasetProtector, "_protect_case", interrupt_after_first_case)
+        with pytest.raises(KeyboardInterrupt):
+            protector(flare_data, output, random_checkpoints[1], 1).run()
+    interrupted = files_under(output)
+    clean = (flare_data / LAST_IMAGE).read_bytes()
+    name, message = nan_values(flare_data, LAST_IMAGE)
+    protected = recorded_cases(monkeypatch)
+    with pytest.raises(VoxShieldInputError, match=message):
+        protector(flare_data, output, random_checkpoints[1], 1).run()
+    assert protected == ["train_001"] and files_under(output) == interrupted  # train_001 written, then removed
+
+    (flare_data / name).write_bytes(clean)  # fixed: the interrupted run still resumes
+    protector(flare_data, output, random_checkpoints[1], 1).run()
+    assert protected == ["train_001", "train_001", "train_002"]
+    assert_protected_copy(flare_data, output, EPS, ct=True)
+
+
+def _protect_on_rank(rank, store, dataset_dir, output, checkpoint, errors):
+    """Rank ``rank`` of two gloo processes running protect; writes the VoxShieldInputError it raises to errors/RANK."""
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        protector(dataset_dir, output, checkpoint, 1).run()
+    except VoxShieldInputError as error:
+        (errors / str(rank)).write_text(str(error))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_bad_data_on_one_rank_stops_every_rank(flare_data, tmp_path, random_checkpoints):
+    """train_001 is rank 1's only case: its NaN stops rank 0 too once that has protected its two cases;
+    both report the file and the output is removed."""
+    name, _ = nan_values(flare_data)
+    output, errors = tmp_path / "out", tmp_path / "errors"
+    errors.mkdir()
+    spawn = multiprocessing.get_context("spawn")
+    ranks = [
+        spawn.Process(target=_protect_on_rank,
+                      args=(rank, tmp_path / "store", flare_data, output, random_checkpoints[1], errors))
+        for rank in range(2)
+    ]
+    for process in ranks:
+        process.start()
+    try:
+        for process in ranks:
+            process.join(timeout=300)
+        assert [process.exitcode for process in ranks] == [0, 0]
+    finally:
+        for process in ranks:
+            process.kill()
+    reported = [(errors / str(rank)).read_text() for rank in range(2)]
+    assert reported == [f"{flare_data / name}: contains NaN or Inf values."] * 2
+    assert not output.exists()

@@ -1,12 +1,9 @@
 """protect's guarantees, checked on the files it writes: bound in the written dtype, untouched labels,
 outside-ROI voxels and headers, manifest, atomic and resumable output, refusal to clobber."""
 
-import builtins
 import collections
 import filecmp
-import io
 import json
-import os
 from pathlib import Path
 import math
 
@@ -17,7 +14,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from monai.inferers import SlidingWindowInferer
+from nibabel.arrayproxy import ArrayProxy
 
+import custom.data
 from checks import assert_protected_copy
 from conftest import EPS, generator_net
 from custom.data import LoadCased, load_case, normalise, open_dataset
@@ -100,28 +99,33 @@ def test_protect_flare_int16_ct(flare_data, tmp_path, random_checkpoints):
     assert 0.9 < record["ssim_3d_volume"] < 1.0
 
 
-def test_protect_reads_each_case_file_once_to_check_and_once_to_protect(flare_data, tmp_path, random_checkpoints,
-                                                                         monkeypatch):
-    """Every check runs before the first write, which takes a read of every case file; protecting a
-    case then reads each of its files once more, a read that gives the normalisation, the label, the
-    stored values, the header bytes and the label's copy. Other files are read once, to copy them."""
+def test_protect_decodes_each_case_file_once(flare_data, tmp_path, random_checkpoints, monkeypatch):
+    """Before the first write protect loads the header of every case file; protecting a case then reads
+    each of its files once, the only decoding of its voxel data, a read that gives the normalisation,
+    the label, the stored values, the header bytes and the label's copy."""
     source = flare_data.resolve()
-    reads = collections.Counter()
-    real_open = io.open
+    headers, reads, decodes = collections.Counter(), collections.Counter(), []
+    real_decode = ArrayProxy._get_unscaled
 
-    def counting_open(file, mode="r", *args, **kwargs):
-        if isinstance(file, (str, os.PathLike)) and "r" in mode and Path(file).resolve().is_relative_to(source):
-            reads[Path(file).resolve().relative_to(source).as_posix()] += 1
-        return real_open(file, mode, *args, **kwargs)
+    def counting(counter, load):
+        def counted(path):
+            counter[Path(path).relative_to(source).as_posix()] += 1
+            return load(path)
+        return counted
 
-    monkeypatch.setattr(builtins, "open", counting_open)
-    monkeypatch.setattr(io, "open", counting_open)
+    def counting_decode(proxy, slicer):  # nibabel reads voxel data through here only
+        decodes.append(proxy)
+        return real_decode(proxy, slicer)
+
+    monkeypatch.setattr(custom.data, "load_nifti", counting(headers, custom.data.load_nifti))
+    monkeypatch.setattr(custom.data, "read_nifti", counting(reads, custom.data.read_nifti))
+    monkeypatch.setattr(ArrayProxy, "_get_unscaled", counting_decode)
     protector(flare_data, tmp_path / "out", random_checkpoints[1], 1).run()
     monkeypatch.undo()
     cases = [f"train_00{index}" for index in range(3)]
-    expected = {f"TrainingImg/{case}_0000.nii.gz": 2 for case in cases}
-    expected |= {f"TrainingMask/{case}.nii.gz": 2 for case in cases}
-    assert reads == {**expected, "voxshield_demo.json": 1}
+    files = [f"TrainingImg/{case}_0000.nii.gz" for case in cases] + [f"TrainingMask/{case}.nii.gz" for case in cases]
+    assert headers == reads == dict.fromkeys(files, 1)
+    assert len(decodes) == len(files)  # one per read: loading a header decodes nothing
     assert_protected_copy(flare_data, tmp_path / "out", EPS, ct=True)
 
 
