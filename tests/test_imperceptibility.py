@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 from monai.metrics import SSIMMetric
+from monai.metrics.regression import compute_ssim_and_cs
 
-from custom.metrics import imperceptibility, psnr, ssim_3d
+from custom.metrics import imperceptibility, psnr, ssim_3d, ssim_map
 
 
 def volumes():
@@ -23,6 +24,17 @@ def test_ssim_whole_volume_equals_monai():
     metric = SSIMMetric(spatial_dims=3, data_range=1.0, kernel_type="gaussian", win_size=11, kernel_sigma=1.5)
     expected = float(metric(torch.as_tensor(protected[None]), torch.as_tensor(clean[None])).mean())
     assert ssim_3d(clean, protected) == pytest.approx(expected, abs=1e-6)
+
+
+def test_ssim_map_equals_monais_dense_window_on_a_thin_volume():
+    rng = np.random.default_rng(1)
+    clean = rng.uniform(size=(1, 20, 16, 8))  # 8 slices: the window shrinks to 7 voxels
+    protected = np.clip(clean + rng.normal(0, 0.05, clean.shape), 0, 1)
+    expected, _ = compute_ssim_and_cs(torch.as_tensor(protected[None]), torch.as_tensor(clean[None]), spatial_dims=3,
+                                      kernel_size=[7] * 3, kernel_sigma=[1.5] * 3, data_range=1.0)
+    local = ssim_map(clean, protected)
+    assert local.shape == (1, 14, 10, 2)
+    np.testing.assert_allclose(local, expected[0].numpy(), atol=1e-5)
 
 
 def test_ssim_roi_sees_only_its_region():
