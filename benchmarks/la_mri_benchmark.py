@@ -18,6 +18,11 @@ never trains), ``authors_schedule`` (``--surrogate_batches_per_epoch 10``: the s
 ``authors_schedule_100`` (the same for the paper's 100 epochs). --victim_seeds trains every victim
 once per seed, to measure how much a single run's score varies.
 
+--countermeasures trains every victim after each exploiter's step (evaluate's --countermeasure). PGD
+adversarial training (pgd_at) attacks a protected copy at the copy's own bound, so the clean victim it
+is compared with is trained under PGD-AT once per distinct bound of the runs' copies (clean_steps):
+``clean_pgd_at`` at train.json's 4/255, ``clean_pgd_at_epsN`` at N/255 (e.g. clean_pgd_at_eps16).
+
 Every step is the bundle command a user would run. Result files, tables, figures and
 ``benchmark.json`` (each command with its wall time, peak memory and exit code, hardware, versions) go to
 ``--results_dir`` (default benchmarks/results/la_mri); checkpoints and protected volumes go to
@@ -36,6 +41,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import re
 import shlex
 import subprocess
@@ -48,12 +54,13 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from custom.bundle_utils import config_files  # noqa: E402
+from custom.bundle_utils import config_files, shared_defaults  # noqa: E402
 from custom.provenance import hardware, software_versions  # noqa: E402
 
 DATA = REPO_ROOT.parent / "shared" / "data" / "la_mri"
 PEAK_RSS = Path(__file__).resolve().with_name("peak_rss.py")  # runs every step, to measure its peak memory
 BUNDLE = "voxshield_brats"
+DEFAULT_EPS = shared_defaults(("eps",), ())["eps"]  # configs/train.json's: the bound of a run without --eps
 RUNS = {  # run name -> method, its overrides of train.json alone, its perturbation overrides (train and protect)
     "full": ("voxshield", [], []),
     "no_spd": ("voxshield", ["--lambda_spd", "0"], []),
@@ -301,27 +308,62 @@ def protect_run(steps: Steps, options: argparse.Namespace, run: str, method: str
     return protected
 
 
-def victim_results(results: Path, run: str, victim: str, seed: int, countermeasure: str | None = None) -> Path:
+def copy_eps(run: str) -> float:
+    """The bound of run ``run``'s protected copy: the ``--eps`` of its RUNS perturbation overrides, else
+    train.json's. protect records this value as the manifest's eps_normalised, the bound evaluate's
+    pgd_at attacks the copy at; unlike the manifest, it is known before anything runs (--baseline_args
+    is assumed not to set --eps)."""
+    perturbation = RUNS[run][2]
+    return float(perturbation[perturbation.index("--eps") + 1]) if "--eps" in perturbation else DEFAULT_EPS
+
+
+def clean_steps(runs: Sequence[str], countermeasures: Sequence[str | None]) -> list[tuple[str | None, float | None]]:
+    """
+    The exploiter's steps to train the clean victims after, so that every copy has a clean reference
+    that went through the same step: each of ``countermeasures`` once, but pgd_at once per distinct
+    bound of the runs' copies (copy_eps; train.json's alone when there are no runs).
+
+    Args:
+        runs: run names of RUNS.
+        countermeasures: evaluate's --countermeasure values, None for no step.
+
+    Returns:
+        (countermeasure, PGD-AT bound or None) pairs, the bounds of pgd_at smallest first.
+    """
+    bounds = sorted({copy_eps(run) for run in runs} or {DEFAULT_EPS})
+    return [(step, eps) for step in countermeasures for eps in (bounds if step == "pgd_at" else [None])]
+
+
+def victim_results(results: Path, run: str, victim: str, seed: int, countermeasure: str | None = None,
+                   pgd_at_eps: float | None = None) -> Path:
     """The result folder of ``victim`` (seed ``seed``) trained on run ``run``: RUN, RUN_VICTIM for
     another victim than the UNet, RUN_COUNTERMEASURE for a victim trained after an exploiter's step
-    (evaluate's --countermeasure), with _seedN for another seed than 0."""
-    folder = "_".join([run] + ([victim] if victim != "unet" else []) + ([countermeasure] if countermeasure else []))
+    (evaluate's --countermeasure), then _epsN for PGD-AT at a bound ``pgd_at_eps`` other than
+    train.json's (N: eps x 255), with _seedN for another seed than 0."""
+    step = [countermeasure] if countermeasure else []
+    if pgd_at_eps is not None and not math.isclose(pgd_at_eps, DEFAULT_EPS):
+        step.append(f"eps{pgd_at_eps * 255:.3g}")
+    folder = "_".join([run] + ([victim] if victim != "unet" else []) + step)
     return results / (folder if seed == 0 else f"{folder}_seed{seed}")
 
 
 def victim_run(steps: Steps, options: argparse.Namespace, run: str, method: str, train_dir: Path, victim: str,
-               seed: int, countermeasure: str | None = None) -> Path:
+               seed: int, countermeasure: str | None = None, pgd_at_eps: float | None = None) -> Path:
     """
     Train ``victim`` (evaluate.json's recipe for --victim_epochs, seed ``seed``, with --victim_args,
-    after ``countermeasure`` when given) on ``train_dir`` and score it on the clean test cases of
-    --data (skipped under --resume when its results.json exists).
+    after ``countermeasure`` when given, PGD-AT at ``pgd_at_eps`` when given instead of the copy's
+    bound) on ``train_dir`` and score it on the clean test cases of --data (skipped under --resume
+    when its results.json exists).
 
     Returns:
         the results.json.
     """
-    output = victim_results(Path(options.results_dir), run, victim, seed, countermeasure)
+    output = victim_results(Path(options.results_dir), run, victim, seed, countermeasure, pgd_at_eps)
     step = ["--countermeasure", countermeasure] if countermeasure else []
-    steps.run(f"{victim} victim (seed {seed}{', ' + countermeasure if countermeasure else ''}) on {run}", bundle(
+    step += ["--pgd_at_eps", repr(pgd_at_eps)] if pgd_at_eps is not None else []
+    label = f", {countermeasure}" if countermeasure else ""
+    label += f" at {pgd_at_eps * 255:.3g}/255" if pgd_at_eps is not None else ""
+    steps.run(f"{victim} victim (seed {seed}{label}) on {run}", bundle(
         "evaluate", "--train_dir", str(train_dir), "--test_dir", str(options.data), "--epochs",
         str(options.victim_epochs), "--victim", victim, "--seed", str(seed), "--method", method,
         "--output_dir", str(output), *step, *shlex.split(options.victim_args)), output / "results.json")
@@ -359,10 +401,13 @@ def main() -> None:
 
     steps = start(options)
     steps_before = [None if step == "none" else step for step in options.countermeasures.split(",")]
-    victims = [(name, seed, step) for name in options.victims.split(",") for step in steps_before for seed in seeds(options)]
+    names = options.victims.split(",")
+    victims = [(name, seed, step) for name in names for step in steps_before for seed in seeds(options)]
     if not options.skip_clean:
-        for name, seed, step in victims:
-            victim_run(steps, options, "clean", "clean", steps.data, name, seed, step)
+        for name in names:
+            for step, eps in clean_steps(runs, steps_before):
+                for seed in seeds(options):
+                    victim_run(steps, options, "clean", "clean", steps.data, name, seed, step, eps)
     for run in runs:
         method, training_only, perturbation = RUNS[run]
         protected = protect_run(steps, options, run, method, training_only, perturbation)

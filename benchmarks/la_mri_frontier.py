@@ -39,15 +39,13 @@ import json
 from pathlib import Path
 
 from la_mri_benchmark import (
-    RUNS, add_protocol_arguments, protect_run, report_run, seeds, start, victim_results, victim_run,
+    DEFAULT_EPS, RUNS, add_protocol_arguments, protect_run, report_run, seeds, start, victim_results, victim_run,
 )
-from custom.bundle_utils import shared_defaults  # la_mri_benchmark put the repository on sys.path
-from custom.protectors import METHODS
+from custom.protectors import METHODS  # la_mri_benchmark put the repository on sys.path
 
 BUDGETS = (4, 8, 16, 32)  # eps x 255
 SUPPORTS = {"roi": "true", "volume": "false"}  # --supports name -> --mask_roi
 TARGET_PERCENT = 20.0  # the project's protection target: a protected victim at most 20% of the clean DSC
-DEFAULT_EPS = shared_defaults(("eps",), ())["eps"]  # configs/train.json's: a run at this eps passes no --eps
 
 
 def frontier_run(method: str, level: int, support: str) -> tuple[str, list[str]]:

@@ -36,6 +36,11 @@ def _clean_dsc_by_recipe(victims: list[dict]) -> dict[str, list[float]]:
     return clean
 
 
+def _recipe_without(key: str, fields: tuple[str, ...]) -> str:
+    """A recipe key (custom.results's "recipe_key") without the settings ``fields``, as text."""
+    return json.dumps({name: value for name, value in json.loads(key).items() if name not in fields}, sort_keys=True)
+
+
 def _seeds_text(seeds: list) -> str:
     """The seeds of a row's victims, "?" for one not recorded."""
     return ", ".join("?" if seed is None else str(seed) for seed in seeds)
@@ -144,44 +149,58 @@ def frontier_markdown(rows: list[dict]) -> str:
 
 
 # ---- countermeasures ------------------------------------------------------------------------------
+def _step_text(summary: dict) -> str:
+    """A result's countermeasure as a column names it, with the bound it attacks at where its settings
+    have one (pgd_at: "pgd_at eps 16/255"), so victims attacked at different bounds stay apart."""
+    eps = (summary["countermeasure_settings"] or {}).get("eps")
+    return summary["countermeasure"] + ("" if eps is None else f" eps {_eps_text(eps)}")
+
+
 def countermeasure_matrix(summaries: list[dict]) -> dict:
     """
     What survives an exploiter's step: for every protected copy (named as in Table 1, or as in Table 4
     when made with other settings, e.g. another eps; loss ablations left out) and every victim recipe
     of a 3D UNet (or the slice-wise 2D victim) with a clean victim of the same recipe, each victim's
     DSC as a percentage of that clean victim's mean DSC, so a countermeasure that also costs the clean
-    victim accuracy is not counted as lifting the protection.
+    victim accuracy is not counted as lifting the protection. The recipe includes the countermeasure's
+    settings as results.json records them (recipe.countermeasure_settings), so a copy attacked by
+    pgd_at at its own bound is compared with the clean victim attacked at that same bound; a result
+    whose step (with its settings) no clean victim of its recipe went through gets a cell without a ratio.
 
     Args:
         summaries: as returned by custom.results.summarise, one per results.json.
 
     Returns:
         {"columns": [column names], "rows": [{"method", "cells": {column: {"mean", "min", "max",
-        "results", "clean_dsc_percent"}}}]}; columns are "none", the countermeasures, "slice2d victim"
-        (with " + countermeasure" when both), each with the recipe's other differences in brackets.
-        Only copies with at least one countermeasure (or 2D victim) result get a row; empty rows and
-        columns when no result has a countermeasure or the 2D victim.
+        "results", "clean_dsc_percent"}}}]}; columns are "none", the countermeasures (with their bound,
+        see _step_text), "slice2d victim" (with " + countermeasure" when both), each with the recipe's
+        other differences in brackets. A cell's numbers come from its results with a clean reference;
+        they are None, and "results" counts the others, where none has one. Only copies with at least
+        one countermeasure (or 2D victim) result get a row; empty rows and columns when no result has a
+        countermeasure or the 2D victim.
     """
     victims = [s for s in summaries if s["victim"] in (MAIN_VICTIM, SLICE_VICTIM)
                and s["values"]["dsc_percent"] is not None and s["variant"].ablation in (CLEAN, FULL)]
     if not any(s["countermeasure"] is not None or s["victim"] == SLICE_VICTIM for s in victims):
         return {"columns": [], "rows": []}
     clean = _clean_dsc_by_recipe(victims)
-    protected = [s for s in victims if s["method"] != CLEAN and s["recipe_key"] in clean]
+    # a copy is kept when a clean victim shares its recipe but for the step (e.g. none went through pgd_at
+    # at the copy's bound): its cell then says that the reference is missing, instead of the copy vanishing
+    step = ("countermeasure", "countermeasure_settings")
+    recipes = {_recipe_without(key, step) for key in clean}
+    protected = [s for s in victims if s["method"] != CLEAN and _recipe_without(s["recipe_key"], step) in recipes]
     # Table 1's names for copies made with train.json's settings, Table 4's for the others (another eps ...)
     method, _ = by_fit_length([s for s in protected if not s["variant"].settings], lambda s: s["method"], str)
     method.update({id(s): table4_row(s) for s in protected if s["variant"].settings})
     method_order = sorted(set(method.values()))
     # the victim and the countermeasure (with its settings) name the column already; other recipe
     # differences (e.g. the epochs) are added in brackets
-    step_fields = ("victim", "countermeasure", "countermeasure_settings")
-    rest = {key: json.dumps({name: value for name, value in json.loads(key).items() if name not in step_fields},
-                            sort_keys=True) for key in {s["recipe_key"] for s in protected}}
+    rest = {key: _recipe_without(key, ("victim", *step)) for key in {s["recipe_key"] for s in protected}}
     differences = _recipe_labels(set(rest.values()))
 
     def column(s: dict) -> str:
         step = [f"{SLICE_VICTIM} victim"] if s["victim"] == SLICE_VICTIM else []
-        step += [s["countermeasure"]] if s["countermeasure"] is not None else []
+        step += [_step_text(s)] if s["countermeasure"] is not None else []
         return " + ".join(step or ["none"]) + differences[rest[s["recipe_key"]]]
 
     cells: dict[tuple[str, str], list[dict]] = {}
@@ -193,11 +212,15 @@ def countermeasure_matrix(summaries: list[dict]) -> dict:
         row_cells = {}
         for name in columns:
             members = cells.get((row, name), [])
-            if members:
-                reference = float(np.mean(clean[members[0]["recipe_key"]]))
-                percents = [100 * s["values"]["dsc_percent"] / reference for s in members]
+            paired = [s for s in members if s["recipe_key"] in clean]
+            if paired:
+                references = [float(np.mean(clean[s["recipe_key"]])) for s in paired]
+                percents = [100 * s["values"]["dsc_percent"] / reference for s, reference in zip(paired, references)]
                 row_cells[name] = {"mean": float(np.mean(percents)), "min": min(percents), "max": max(percents),
-                                   "results": len(members), "clean_dsc_percent": reference}
+                                   "results": len(paired), "clean_dsc_percent": float(np.mean(references))}
+            elif members:
+                row_cells[name] = {"mean": None, "min": None, "max": None, "results": len(members),
+                                   "clean_dsc_percent": None}
         if any(name != "none" for name in row_cells):  # a copy no countermeasure was tried on says nothing here
             rows.append({"method": row, "cells": row_cells})
     return {"columns": columns, "rows": rows}
@@ -212,19 +235,27 @@ def countermeasure_markdown(matrix: dict) -> str:
 
     Returns:
         Markdown: the title, a table with a line per method and a column per countermeasure (each
-        cell the mean % of clean, "-" where there is no result) and a note naming the clean victims'
-        DSC per column, ending in a newline.
+        cell the mean % of clean, "no clean reference" where no clean victim went through the same
+        step, "-" where there is no result) and a note naming the clean victims' DSC per column,
+        ending in a newline.
     """
-    lines = [[row["method"], *(f"{row['cells'][name]['mean']:.2f}" if name in row["cells"] else "-"
-                               for name in matrix["columns"])] for row in matrix["rows"]]
-    clean = [f"{name}: " + " / ".join(sorted({f"{row['cells'][name]['clean_dsc_percent']:.2f}%"
-                                              for row in matrix["rows"] if name in row["cells"]}))
-             for name in matrix["columns"]]
+    def cell(cells: dict, name: str) -> str:
+        if name not in cells:
+            return "-"
+        return "no clean reference" if cells[name]["mean"] is None else f"{cells[name]['mean']:.2f}"
+
+    lines = [[row["method"], *(cell(row["cells"], name) for name in matrix["columns"])] for row in matrix["rows"]]
+    references = {name: sorted({f"{row['cells'][name]['clean_dsc_percent']:.2f}%" for row in matrix["rows"]
+                                if row["cells"].get(name, {}).get("clean_dsc_percent") is not None})
+                  for name in matrix["columns"]}
+    clean = [f"{name}: {' / '.join(found)}" for name, found in references.items() if found]
     note = (
         "Victim DSC as % of the clean victim's DSC under the same countermeasure and recipe (mean over seeds; "
         f"victim {MAIN_VICTIM} unless the column names the slice-wise 2D victim); methods named as in Tables 1 and 4. "
-        f"Clean victims' DSC: {'; '.join(clean)}. Below 100: the copy still costs the victim accuracy after the "
-        "exploiter's step; about 100: the step removed the protection (or there was none)."
+        "A countermeasure with a bound (pgd_at) names it: a copy is compared with the clean victim attacked at "
+        "that same bound, as results.json's recipe.countermeasure_settings record it (no clean reference: none "
+        f"was). Clean victims' DSC: {'; '.join(clean)}. Below 100: the copy still costs the victim accuracy after "
+        "the exploiter's step; about 100: the step removed the protection (or there was none)."
     )
     return "\n".join([f"## {COUNTERMEASURE_TITLE}", "", markdown_table(["method", *matrix["columns"]], lines), "",
                       note, ""])

@@ -245,6 +245,7 @@ def summarise(result: dict) -> dict:
         train.json's, as "name value"), "victim", "variant" (a Variant), "fit_epochs" (the training
         record's epochs, None without one), "test_cases", "recipe" ((epochs, iterations,
         augmentation)), "recipe_key" (the recipe without its seed, as text), "countermeasure",
+        "countermeasure_settings" (as evaluate recorded them, e.g. pgd_at's eps; None without),
         "recipe_name", "best_dsc_percent" (the checkpoint best on protected validation, None without
         one), "seed", "budget" ((eps, mask_roi), None where the frontier leaves the result out) and
         "values" ({"dsc_percent", "hd95_mm", "psnr_db_volume", "ssim_3d_volume"}, each None when not
@@ -266,6 +267,7 @@ def summarise(result: dict) -> dict:
         "recipe": (recipe.get("epochs"), recipe.get("iterations"), recipe.get("augmentation")),
         "recipe_key": _recipe_key(recipe),
         "countermeasure": recipe.get("countermeasure"),
+        "countermeasure_settings": recipe.get("countermeasure_settings"),
         "recipe_name": recipe.get("name", "patch"),
         "best_dsc_percent": _percent((result.get("metrics_best_on_protected_validation") or {}).get("aggregate")),
         "seed": recipe.get("seed"),

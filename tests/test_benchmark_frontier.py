@@ -1,6 +1,7 @@
-"""benchmarks/la_mri_frontier.py end to end on a tiny demo dataset, and the path rewriting of the
-benchmarks' committed files."""
+"""benchmarks/la_mri_frontier.py end to end on a tiny demo dataset, the path rewriting of the
+benchmarks' committed files, and la_mri_benchmark.py's clean references under PGD-AT."""
 
+import argparse
 import json
 import math
 import os
@@ -109,3 +110,27 @@ def test_normalise_paths_leaves_numbers_and_other_files(tmp_path):
         **content, "data": "../shared/data/la_mri", "sources": ["a/results.json"]}
     assert (tmp_path / "a" / "results.md").read_text() == "# Victim unet trained on x, tested on clean ../shared/y\n"
     assert (tmp_path / "a" / "events.bin").read_bytes() == b"/work/main/x"
+
+
+def test_clean_pgd_at_references_one_per_bound(tmp_path):
+    """With pgd_at, the clean victim is trained once per distinct bound of the runs' copies, into
+    clean_pgd_at (train.json's 4/255) and clean_pgd_at_epsN, each command naming its --pgd_at_eps; other
+    steps once; --resume reuses the references that exist. Nothing is run."""
+    runs = ["full", "carrier_eps16", "lsp_eps16", "random_eps32"]
+    plan = la_mri_benchmark.clean_steps(runs, [None, "z_smooth", "pgd_at"])
+    assert plan == [(None, None), ("z_smooth", None), ("pgd_at", 4 / 255), ("pgd_at", 16 / 255), ("pgd_at", 32 / 255)]
+    assert la_mri_benchmark.clean_steps(["carrier_eps16"], ["pgd_at"]) == [("pgd_at", 16 / 255)]
+    assert la_mri_benchmark.clean_steps([], ["pgd_at"]) == [("pgd_at", 4 / 255)]  # the clean victims alone
+
+    folders = ["clean_pgd_at", "clean_pgd_at_eps16", "clean_pgd_at_eps32"]
+    for folder in folders:
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "results.json").write_text("{}")
+    options = argparse.Namespace(results_dir=str(tmp_path), data=str(tmp_path), victim_epochs=1, victim_args="")
+    steps = la_mri_benchmark.Steps(tmp_path, "record.json", tmp_path, options, resume=True)
+    for step, eps in plan[2:]:
+        la_mri_benchmark.victim_run(steps, options, "clean", "clean", tmp_path, "unet", 0, step, eps)
+    assert [entry["reused"] for entry in steps.steps] == [str(tmp_path / folder / "results.json") for folder in folders]
+    for entry, level in zip(steps.steps, (4, 16, 32)):
+        assert f"--countermeasure pgd_at --pgd_at_eps {level / 255!r}" in entry["command"]
+        assert entry["step"] == f"unet victim (seed 0, pgd_at at {level}/255) on clean"

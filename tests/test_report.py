@@ -12,7 +12,8 @@ from conftest import REPO_ROOT, run_bundle
 from custom import figures, report
 from custom.demo import make_demo_dataset
 from custom.nifti_io import VoxShieldInputError
-from custom.results import CLEAN, FULL, Variant, collect_results
+from custom.protection_views import countermeasure_matrix
+from custom.results import CLEAN, FULL, Variant, collect_results, summarise
 
 CT_WINDOW = (-175.0, 250.0)
 CHANGE_HU = 6
@@ -20,10 +21,10 @@ CHANGE_HU = 6
 
 def results_file(folder, method="clean", victim="unet", dataset="FLARE21", dice=0.8, hd95=5.0, psnr=None,
                  ssim=None, training=None, test_cases=3, epochs=100, eps=4 / 255, fitted=True, mask_roi=True, seed=0,
-                 countermeasure=None, recipe_name=None, best_dice=None, parameters=None):
+                 countermeasure=None, recipe_name=None, best_dice=None, parameters=None, pgd_at_eps=4 / 255):
     """A results.json as custom.evaluate writes it, with only the fields the report reads filled in
     (``fitted=False``: a training-free method, no checkpoint; ``parameters``: the method's own, recorded
-    beside the bound's)."""
+    beside the bound's; ``pgd_at_eps``: the bound of countermeasure pgd_at)."""
     protection = None if method == "clean" else {
         "method": method,
         "parameters": {"eps": eps, "roi_dilation": 0, "squash": "tanh", "mask_roi": mask_roi, **(parameters or {})},
@@ -37,7 +38,10 @@ def results_file(folder, method="clean", victim="unet", dataset="FLARE21", dice=
         "recipe": {"victim": victim, "epochs": epochs, "iterations": 4 * epochs, "augmentation": False, "seed": seed,
                    "countermeasure": countermeasure, **({"name": recipe_name} if recipe_name else {}),
                    # as evaluate records them: settings for the countermeasures that have some, else null
-                   "countermeasure_settings": {"spacing_mm": [1.5, 1.5, 1.5]} if countermeasure == "resample" else None},
+                   "countermeasure_settings": {
+                       "resample": {"spacing_mm": [1.5, 1.5, 1.5]},
+                       "pgd_at": {"eps": pgd_at_eps, "steps": 3, "step_size": pgd_at_eps / 2},
+                   }.get(countermeasure)},
         "metrics": {"aggregate": {"regions": {}, "mean_dice": dice, "mean_hd95_mm": hd95,
                                   "empty_prediction_cases": 0, "cases": test_cases}, "cases": []},
         "imperceptibility": None if psnr is None else {"aggregate": {
@@ -289,6 +293,34 @@ def test_countermeasure_matrix(tmp_path):
     frontier = markdown_rows(markdown, "Frontier")
     assert list(frontier) == ["random (floor)", "tap", "voxshield"]  # the results without a step only
     assert frontier["random (floor)"]["DSC (% of clean)"] == "60.00" and frontier["voxshield"]["DSC (% of clean)"] == "50.00"
+
+
+def test_countermeasure_matrix_pairs_pgd_at_by_bound(tmp_path):
+    """A copy under PGD-AT is compared with the clean victim attacked at the same bound, as each
+    results.json records it (the folder names here say the opposite); a copy attacked at a bound no
+    clean victim was gets no ratio."""
+    root = tmp_path / "runs"
+    results_file(root / "clean_pgd_at_eps16", dice=0.89, countermeasure="pgd_at", pgd_at_eps=4 / 255)
+    results_file(root / "clean_pgd_at", dice=0.82, countermeasure="pgd_at", pgd_at_eps=16 / 255)
+    results_file(root / "carrier_eps16_pgd_at", "carrier", dice=0.80, eps=16 / 255, fitted=False,
+                 countermeasure="pgd_at", pgd_at_eps=16 / 255)
+    results_file(root / "random_eps32_pgd_at", "random", dice=0.70, eps=32 / 255, fitted=False,
+                 countermeasure="pgd_at", pgd_at_eps=32 / 255)
+    results = collect_results(root)
+
+    matrix = countermeasure_matrix([summarise(result) for result in results])
+    assert matrix["columns"] == ["pgd_at eps 16/255", "pgd_at eps 32/255"]
+    cells = {row["method"]: row["cells"] for row in matrix["rows"]}
+    carrier = cells["carrier: eps 0.06275"]["pgd_at eps 16/255"]
+    assert carrier["mean"] == pytest.approx(100 * 0.80 / 0.82) and carrier["clean_dsc_percent"] == pytest.approx(82.0)
+    assert cells["random: eps 0.1255"] == {"pgd_at eps 32/255": {"mean": None, "min": None, "max": None, "results": 1,
+                                                                 "clean_dsc_percent": None}}
+    markdown = report.tables(results)
+    rows = markdown_rows(markdown, "Countermeasures")
+    assert rows["carrier: eps 0.06275"] == {"method": "carrier: eps 0.06275", "pgd_at eps 16/255": "97.56",
+                                            "pgd_at eps 32/255": "-"}
+    assert rows["random: eps 0.1255"]["pgd_at eps 32/255"] == "no clean reference"
+    assert "Clean victims' DSC: pgd_at eps 16/255: 82.00%." in markdown
 
 
 def test_authors_protocol_section(tmp_path):
