@@ -65,10 +65,25 @@ def check_output_location(source: Path, output: Path) -> None:
         raise VoxShieldInputError(f"{output}: output folder contains the input dataset {source}.")
 
 
+def previous_copy(output: Path) -> Path:
+    """Where ``--overwrite true`` keeps the output it replaces until the new copy is complete: the
+    sibling ``<output>.voxshield-previous`` (a rename on the same filesystem, so atomic)."""
+    return output.with_name(output.name + ".voxshield-previous")
+
+
+def _is_voxshield_output(folder: Path) -> bool:
+    """Whether ``folder`` is a finished VoxShield output (manifest) or an interrupted run (progress folder)."""
+    return (folder / MANIFEST_NAME).is_file() or (folder / PROGRESS_DIR).is_dir()
+
+
 def _prepare_output(output: Path, run_info: dict, overwrite: bool) -> bool:
     """
     Create the output folder with its progress folder, resume an interrupted run into it, or refuse
-    to clobber it.
+    to clobber it. ``overwrite`` moves the output it replaces to previous_copy(output), which run()
+    deletes once the new copy is complete and moves back when bad data stops the run. A previous
+    copy left by an interrupted ``overwrite`` run stays where it is: resuming that run, or starting
+    it over with ``overwrite``, replaces it in the same way; with no interrupted run in ``output``,
+    which copy to keep is the user's call, so the run is refused.
 
     Args:
         output: the protected copy's folder.
@@ -79,20 +94,31 @@ def _prepare_output(output: Path, run_info: dict, overwrite: bool) -> bool:
     Returns:
         whether this run resumes an interrupted one (False: it starts in a new or empty folder).
     """
-    progress = output / PROGRESS_DIR
+    progress, previous = output / PROGRESS_DIR, previous_copy(output)
+    if previous.exists():
+        if not _is_voxshield_output(previous):
+            raise VoxShieldInputError(f"{previous}: not a VoxShield output, refusing to replace or delete it.")
+        if not progress.is_dir():
+            raise VoxShieldInputError(
+                f"{previous}: the copy an interrupted --overwrite run was replacing, and {output} holds no "
+                f"interrupted run to resume; move that copy back to {output.name} or delete it."
+            )
     if output.exists() and any(output.iterdir()):
         if progress.is_dir() and not overwrite:
-            previous = json.loads((progress / "run.json").read_text())
-            if previous != run_info:
+            recorded = json.loads((progress / "run.json").read_text())
+            if recorded != run_info:
                 raise VoxShieldInputError(
                     f"{output}: holds an interrupted run with other settings; pass --overwrite true."
                 )
             return True
         if not overwrite:
             raise VoxShieldInputError(f"{output}: output folder exists; pass --overwrite true to replace it.")
-        if not ((output / MANIFEST_NAME).is_file() or progress.is_dir()):
+        if not _is_voxshield_output(output):
             raise VoxShieldInputError(f"{output}: not a VoxShield output, refusing to overwrite it.")
-        shutil.rmtree(output)
+        if previous.exists():  # an interrupted run that was replacing it: start that run over
+            shutil.rmtree(output)
+        else:
+            output.rename(previous)
     progress.mkdir(parents=True, exist_ok=True)
     write_atomic(progress / "run.json", json.dumps(run_info).encode())
     return False
@@ -118,17 +144,19 @@ def _remove_cases(output: Path, records: list[dict]) -> None:
         (output / PROGRESS_DIR / f"{record['case_id']}.json").unlink()
 
 
-def _clear_new_output(output: Path, existed: bool) -> None:
-    """Remove all that a new run wrote to ``output``: the folder, or its contents when the folder was
-    there before the run (empty, or emptied by --overwrite)."""
-    if not existed:
+def _clear_new_output(output: Path, was_empty: bool) -> None:
+    """Remove all that a new run wrote to ``output`` (the folder, or its contents when it was there,
+    empty, before the run) and move back the copy it was replacing, if any."""
+    if not was_empty:
         shutil.rmtree(output)
-        return
-    for path in output.iterdir():
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
+    else:
+        for path in output.iterdir():
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+    if previous_copy(output).exists():
+        previous_copy(output).rename(output)
 
 
 def _write_copies(output: Path, copies: Iterable[tuple[str, bytes]]) -> dict[str, str]:
@@ -367,7 +395,9 @@ class DatasetProtector:
         NIfTI, shapes, affines, channel counts) is checked for every case, by every rank, before the
         first write; what only the data tells (NaN or Inf, label values, corrupt data) is checked on
         that one read. Data found bad there stops every rank, which then removes what this run wrote:
-        all of a new run's output, or the cases it added to the interrupted run it resumed.
+        all of a new run's output, putting back the copy that ``overwrite`` moved aside, or the cases
+        it added to the interrupted run it resumed. Rank 0 moves the folders (see _prepare_output) and
+        deletes the replaced copy once the new one is complete.
 
         Raises:
             VoxShieldInputError: for bad input, naming the file (on every rank).
@@ -380,9 +410,9 @@ class DatasetProtector:
         fitted = _load_fitted(self.protector, self.checkpoint, self.device)
         parameters = {**self.protector.perturbation.settings(), **self.protector.settings()}
         run_info = {"method": self.protector.name, "checkpoint_sha256": fitted and fitted["sha256"], **parameters}
-        existed = resumed = True  # what rank 0, the one that prepares the output, finds
+        was_empty = resumed = True  # what rank 0, the one that prepares the output, finds
         if rank == 0:
-            existed = self.output_dir.exists()
+            was_empty = self.output_dir.is_dir() and not any(self.output_dir.iterdir())
             resumed = _prepare_output(self.output_dir, run_info, self.overwrite)
         if world_size > 1:
             dist.barrier()
@@ -398,7 +428,7 @@ class DatasetProtector:
             if world_size > 1:
                 dist.barrier()
             if rank == 0 and not resumed:
-                _clear_new_output(self.output_dir, existed)
+                _clear_new_output(self.output_dir, was_empty)
             raise error or VoxShieldInputError(failures[0])
         if rank != 0:
             return None
@@ -410,5 +440,8 @@ class DatasetProtector:
             self._copy_other_files(),
         )
         write_manifest(self.output_dir, manifest)
+        # the replaced copy goes before the progress folder: a run stopped in between still resumes
+        if previous_copy(self.output_dir).exists():
+            shutil.rmtree(previous_copy(self.output_dir))
         shutil.rmtree(progress)
         return manifest

@@ -3,8 +3,10 @@ headers show before anything is written, what only the data shows on the read th
 after which what the run wrote is removed."""
 
 import gzip
+import hashlib
 import json
 import multiprocessing
+import re
 
 import nibabel as nib
 import numpy as np
@@ -15,7 +17,7 @@ from checks import assert_protected_copy
 from conftest import EPS, run_bundle
 from custom.data import open_dataset
 from custom.nifti_io import VoxShieldInputError
-from custom.protect import DatasetProtector
+from custom.protect import DatasetProtector, previous_copy
 from test_protect import protector
 
 IMAGE = "TrainingImg/train_001_0000.nii.gz"
@@ -142,10 +144,10 @@ def test_dataset_level_errors(tmp_path, flare_data, random_checkpoints):
     assert not (tmp_path / "out").exists()
 
 
-def protect_command(dataset_dir, output, checkpoint):
-    """protect run as a user runs it, in a fresh process."""
+def protect_command(dataset_dir, output, checkpoint, *options):
+    """protect run as a user runs it, in a fresh process; ``options``: more `--key value` arguments."""
     return run_bundle("protect", "--dataset_dir", str(dataset_dir), "--checkpoint", str(checkpoint),
-                      "--output_dir", str(output))
+                      "--output_dir", str(output), *options)
 
 
 def reported_error(result):
@@ -182,8 +184,24 @@ def recorded_cases(monkeypatch):
 
 
 def files_under(folder):
-    """Every file below ``folder``: relative path -> bytes."""
-    return {path.relative_to(folder): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+    """Every file below ``folder``: relative path -> sha256 of its bytes."""
+    return {path.relative_to(folder): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in folder.rglob("*") if path.is_file()}
+
+
+def interrupt_after_first_case(monkeypatch, run):
+    """Run the DatasetProtector ``run`` as if the user pressed Ctrl-C once it has protected train_000."""
+    original = DatasetProtector._protect_case
+
+    def interrupting(self, case):
+        if case.case_id != "train_000":
+            raise KeyboardInterrupt
+        return original(self, case)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(DatasetProtector, "_protect_case", interrupting)
+        with pytest.raises(KeyboardInterrupt):
+            run.run()
 
 
 @pytest.mark.parametrize(
@@ -223,17 +241,7 @@ def test_bad_data_when_resuming_leaves_the_interrupted_run_as_it_was(flare_data,
     """A resumed run that meets bad data removes the cases it added: the interrupted run is left as it
     was, and resumes once the data is fixed."""
     output = tmp_path / "out"
-    with monkeypatch.context() as patch:
-        original = DatasetProtector._protect_case
-
-        def interrupt_after_first_case(self, case):
-            if case.case_id != "train_000":
-                raise KeyboardInterrupt  # as if the user pressed Ctrl-C
-            return original(self, case)
-
-        patch.setattr(DatasetProtector, "_protect_case", interrupt_after_first_case)
-        with pytest.raises(KeyboardInterrupt):
-            protector(flare_data, output, random_checkpoints[1], 1).run()
+    interrupt_after_first_case(monkeypatch, protector(flare_data, output, random_checkpoints[1], 1))
     interrupted = files_under(output)
     clean = (flare_data / LAST_IMAGE).read_bytes()
     name, message = nan_values(flare_data, LAST_IMAGE)
@@ -248,27 +256,80 @@ def test_bad_data_when_resuming_leaves_the_interrupted_run_as_it_was(flare_data,
     assert_protected_copy(flare_data, output, EPS, ct=True)
 
 
-def _protect_on_rank(rank, store, dataset_dir, output, checkpoint, errors):
+def test_bad_data_in_an_overwrite_run_puts_back_the_copy_it_replaces(flare_data, tmp_path, random_checkpoints):
+    """--overwrite true keeps the finished copy aside until the new one is complete: bad data in the last
+    case, met once two cases of the new copy are written, puts it back byte for byte."""
+    output = tmp_path / "out"
+    protector(flare_data, output, random_checkpoints[1], 1).run()
+    finished = files_under(output)
+    name, _ = nan_values(flare_data, LAST_IMAGE)
+    result = protect_command(flare_data, output, random_checkpoints[1], "--overwrite", "true")
+    assert reported_error(result) == f"voxshield: error: {flare_data / name}: contains NaN or Inf values."
+    assert files_under(output) == finished and not previous_copy(output).exists()
+
+
+def test_interrupted_overwrite_run(flare_data, tmp_path, random_checkpoints, monkeypatch):
+    """An interrupted --overwrite run leaves its new copy resumable and the copy it replaces in
+    OUT.voxshield-previous. Starting over with --overwrite true discards the new copy and keeps the old
+    one aside (bad data puts it back); resuming keeps both as they were on bad data and deletes the old
+    one on success. The old copy alone, with no run to resume, is refused by name."""
+    output, previous = tmp_path / "out", previous_copy(tmp_path / "out")
+    protector(flare_data, output, random_checkpoints[1], 1).run()
+    finished = files_under(output)
+    clean = (flare_data / LAST_IMAGE).read_bytes()
+    interrupt_after_first_case(monkeypatch, protector(flare_data, output, random_checkpoints[1], 1, overwrite=True))
+    assert files_under(previous) == finished and (output / ".voxshield_progress").is_dir()
+
+    name, message = nan_values(flare_data, LAST_IMAGE)
+    with pytest.raises(VoxShieldInputError, match=message):
+        protector(flare_data, output, random_checkpoints[1], 1, overwrite=True).run()
+    assert files_under(output) == finished and not previous.exists()
+
+    (flare_data / name).write_bytes(clean)
+    interrupt_after_first_case(monkeypatch, protector(flare_data, output, random_checkpoints[1], 1, overwrite=True))
+    interrupted = files_under(output)
+    nan_values(flare_data, LAST_IMAGE)
+    with pytest.raises(VoxShieldInputError, match=message):
+        protector(flare_data, output, random_checkpoints[1], 1).run()
+    assert files_under(output) == interrupted and files_under(previous) == finished
+    (flare_data / name).write_bytes(clean)
+    protected = recorded_cases(monkeypatch)
+    protector(flare_data, output, random_checkpoints[1], 1).run()
+    assert protected == ["train_001", "train_002"] and not previous.exists()
+    assert_protected_copy(flare_data, output, EPS, ct=True)
+
+    output.rename(previous)  # as a run stopped between moving the old copy aside and starting the new one
+    for overwrite in (False, True):
+        with pytest.raises(VoxShieldInputError, match=re.escape(f"{previous}: the copy an interrupted --overwrite run")):
+            protector(flare_data, output, random_checkpoints[1], 1, overwrite=overwrite).run()
+    assert not output.exists() and files_under(previous)
+
+
+def _protect_on_rank(rank, store, dataset_dir, output, checkpoint, errors, overwrite):
     """Rank ``rank`` of two gloo processes running protect; writes the VoxShieldInputError it raises to errors/RANK."""
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:
-        protector(dataset_dir, output, checkpoint, 1).run()
+        protector(dataset_dir, output, checkpoint, 1, overwrite=overwrite).run()
     except VoxShieldInputError as error:
         (errors / str(rank)).write_text(str(error))
     finally:
         dist.destroy_process_group()
 
 
-def test_bad_data_on_one_rank_stops_every_rank(flare_data, tmp_path, random_checkpoints):
+@pytest.mark.parametrize("overwrite", [False, True], ids=["new", "overwrite"])
+def test_bad_data_on_one_rank_stops_every_rank(overwrite, flare_data, tmp_path, random_checkpoints):
     """train_001 is rank 1's only case: its NaN stops rank 0 too once that has protected its two cases;
-    both report the file and the output is removed."""
-    name, _ = nan_values(flare_data)
+    both report the file and the output is removed, or, replacing a finished copy, put back as it was."""
     output, errors = tmp_path / "out", tmp_path / "errors"
+    if overwrite:
+        protector(flare_data, output, random_checkpoints[1], 1).run()
+    before = files_under(output)  # none without the finished copy
+    name, _ = nan_values(flare_data)
     errors.mkdir()
     spawn = multiprocessing.get_context("spawn")
     ranks = [
         spawn.Process(target=_protect_on_rank,
-                      args=(rank, tmp_path / "store", flare_data, output, random_checkpoints[1], errors))
+                      args=(rank, tmp_path / "store", flare_data, output, random_checkpoints[1], errors, overwrite))
         for rank in range(2)
     ]
     for process in ranks:
@@ -282,4 +343,5 @@ def test_bad_data_on_one_rank_stops_every_rank(flare_data, tmp_path, random_chec
             process.kill()
     reported = [(errors / str(rank)).read_text() for rank in range(2)]
     assert reported == [f"{flare_data / name}: contains NaN or Inf values."] * 2
-    assert not output.exists()
+    assert output.exists() == overwrite and files_under(output) == before
+    assert not previous_copy(output).exists()

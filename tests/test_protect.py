@@ -22,7 +22,7 @@ from conftest import EPS, generator_net
 from custom.data import LoadCased, load_case, normalise, open_dataset
 from custom.nifti_io import VoxShieldInputError
 from custom.perturbation import ROIBoundedPerturbation
-from custom.protect import DatasetProtector, bounded_stored_values
+from custom.protect import DatasetProtector, bounded_stored_values, previous_copy
 from custom.verify import verify_copy
 from custom.voxshield import VoxShield
 
@@ -193,6 +193,7 @@ def test_refuses_existing_output_and_output_inside_input(flare_data, tmp_path, r
     protector(flare_data, output, random_checkpoints[1], 1, overwrite=True).run()
     assert (output / "voxshield_manifest.json").stat().st_mtime_ns != first
     assert_protected_copy(flare_data, output, EPS, ct=True)
+    assert not previous_copy(output).exists()  # the replaced copy goes once the new one is complete
 
     foreign = tmp_path / "foreign"
     foreign.mkdir()
