@@ -8,7 +8,10 @@ each chosen with --parts (default: all of them, in this order):
   declares for --data (generator UNet 16..128 with 1 residual unit, surrogate UNet 32..512 with 2), on
   a fixed random batch: --warmup iterations left out, then the median and mean of --iterations. Each
   iteration also times a reference generator step that mimics the authors' (reference_generator_step),
-  and the part reports our generator step's median over the reference's.
+  and the part reports our generator step's median over the reference's. --amp chooses the precision:
+  ``auto`` (default) is train.json's own choice (mixed precision where CUDA is available), ``on`` and
+  ``off`` force it, ``both`` measures each patch size in float32 and then with mixed precision (one row
+  each; on a CPU "on" is torch's bfloat16 autocast, slow, for testing the option only).
 - ``protect``: seconds per case of `run protect` (the command's wall time over the number of cases,
   so the start of the command is included, as a user sees it) with the training-free ``--method
   random`` and with ``voxshield`` and a freshly initialised generator, against reading the same
@@ -36,7 +39,7 @@ earlier invocation recorded are kept and only those named in --parts are measure
 timings on a machine doing nothing else.
 
     python benchmarks/speed.py [--parts fit,protect,memory,multiprocess] [--data ../shared/data/la_mri] \\
-        [--patch_sizes 64,96] [--cases N] [--memory_cases 16,80] [--resume]
+        [--patch_sizes 64,96] [--amp auto|on|off|both] [--cases N] [--memory_cases 16,80] [--resume]
 """
 
 from __future__ import annotations
@@ -77,6 +80,7 @@ from custom.voxshield import VoxShield
 PARTS = ("fit", "protect", "memory", "multiprocess")
 PROFILED_OPERATORS = 6  # the fit part's profile lists the operators with the most self time
 BATCH_SIZE = 2  # the fit part's batch, and the multiprocess part's total batch
+AMP_SETTINGS = {"auto": (None,), "on": (True,), "off": (False,), "both": (False, True)}  # --amp -> fit's rows' amp
 PROTECT_METHODS = ("random", "voxshield")
 CACHE_SETTINGS = {"default": [], "off": ["--cache_rate", "0"]}  # the memory part's: name -> overrides
 MULTI_GPU_TRAIN = "configs/multi_gpu_train.json"
@@ -213,13 +217,16 @@ def random_batch(channels: int, side: int, device: torch.device) -> tuple[torch.
     return image.to(device), label.to(device)
 
 
-def fit_timings(data: Path, side: int, warmup: int, iterations: int) -> dict:
+def fit_timings(data: Path, side: int, warmup: int, iterations: int, amp: bool | None = None) -> dict:
     """
     Seconds per VoxShield fit iteration at patch side**3 (see the module's docstring), with the
-    networks, losses and optimisers that configs/train.json builds for ``data``.
+    networks, losses and optimisers that configs/train.json builds for ``data``, in mixed precision
+    when ``amp`` is True, in float32 when False, as train.json chooses when None.
     """
     started = time.perf_counter()
     parser = training_config(data)
+    if amp is not None:
+        parser["amp"] = amp
     torch.manual_seed(0)
     protector = parser.get_parsed_content("protectors#voxshield")
     device = parser.get_parsed_content("device")
@@ -247,11 +254,12 @@ def fit_timings(data: Path, side: int, warmup: int, iterations: int) -> dict:
 
 
 def measure_fit(record: SpeedRecord, options: argparse.Namespace, work: Path) -> dict:
-    """The fit part: fit_timings at each side of --patch_sizes."""
+    """The fit part: fit_timings at each side of --patch_sizes, for each precision that --amp names."""
     sides = [int(side) for side in options.patch_sizes.split(",")]
     return {"batch_size": BATCH_SIZE, "warmup": options.warmup, "iterations": options.iterations,
-            "torch_threads": torch.get_num_threads(),
-            "patch_sizes": [fit_timings(record.data, side, options.warmup, options.iterations) for side in sides]}
+            "torch_threads": torch.get_num_threads(), "amp_setting": options.amp,
+            "patch_sizes": [fit_timings(record.data, side, options.warmup, options.iterations, amp)
+                            for side in sides for amp in AMP_SETTINGS[options.amp]]}
 
 
 # ---- protect ---------------------------------------------------------------------------------------------
@@ -477,13 +485,14 @@ def format_seconds(value: float) -> str:
 
 
 def fit_table(part: dict) -> str:
-    """Seconds per fit iteration and step, median (mean), per patch size."""
+    """Seconds per fit iteration and step, median (mean), per patch size and precision."""
     rows = []
     for size in part["patch_sizes"]:
         cells = [f"{format_seconds(size['seconds'][name]['median'])} ({format_seconds(size['seconds'][name]['mean'])})"
                  for name in ("iteration", "surrogate_step", "generator_step", "reference_generator_step")]
-        rows.append(["x".join(map(str, size["patch_size"])), *cells, f"{size['generator_over_reference']:.3f}"])
-    return markdown_table(["patch", "iteration (s)", "surrogate step (s)", "generator step (s)",
+        rows.append(["x".join(map(str, size["patch_size"])), "on" if size["amp"] else "off", *cells,
+                     f"{size['generator_over_reference']:.3f}"])
+    return markdown_table(["patch", "AMP", "iteration (s)", "surrogate step (s)", "generator step (s)",
                            "reference generator step (s)", "generator / reference"], rows)
 
 
@@ -495,7 +504,7 @@ def profile_table(part: dict) -> str:
         profile = size.get("generator_step_profile")
         if profile is None:
             continue
-        patch = "x".join(map(str, size["patch_size"]))
+        patch = "x".join(map(str, size["patch_size"])) + (", AMP" if size["amp"] else "")
         rows += [[patch, f"phase: {name}", "1", format_seconds(seconds), f"{seconds / profile['step_s']:.0%}"]
                  for name, seconds in profile["phases_s"].items()]
         rows += [[patch, f"operator: {operator['name']}", str(operator["calls"]), format_seconds(operator["self_s"]),
@@ -565,6 +574,8 @@ def main() -> None:
                         help="torch threads of the fit part and OMP_NUM_THREADS of every command")
     parser.add_argument("--patch_sizes", default="64,96",
                         help="fit: comma-separated cube sides, at least 32 (the surrogate halves a patch 4 times)")
+    parser.add_argument("--amp", choices=list(AMP_SETTINGS), default="auto",
+                        help="fit: mixed precision as train.json chooses (auto), on, off, or both (a row each)")
     parser.add_argument("--warmup", type=int, default=2, help="fit: iterations left out of the timing")
     parser.add_argument("--iterations", type=int, default=10, help="fit: timed iterations")
     parser.add_argument("--cases", type=int, default=None, help="protect: the first N cases of --data (default: all)")

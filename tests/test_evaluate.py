@@ -120,6 +120,7 @@ def test_evaluate_end_to_end(flare_data, tmp_path, random_checkpoints):
         assert results["run"]["test_cases"] == ["train_002"] and results["run"]["train_cases"] == 2
         assert results["recipe"]["iterations"] == 1 and results["recipe"]["augmentation"] is False
         assert results["recipe"]["countermeasure"] is None and results["recipe"]["countermeasure_settings"] is None
+        assert results["recipe"]["amp"] is None  # recorded only when on, so earlier results pair with these
         case = results["metrics"]["cases"][0]
         diagonal = math.sqrt((32 * 0.8) ** 2 + (32 * 0.8) ** 2 + (16 * 2.5) ** 2)
         for region in case["regions"].values():
