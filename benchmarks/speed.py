@@ -315,23 +315,46 @@ def nibabel_round_trip(dataset: Path, output: Path) -> float:
     return time.perf_counter() - start
 
 
+def protect_step(record: SpeedRecord, options: argparse.Namespace, name: str, dataset: Path, ckpt: Path,
+                 output: Path, method: str) -> float:
+    """The wall seconds of one protect command (``name`` in the record) over ``dataset`` into ``output``."""
+    step = record.run(name, with_environment(bundle(
+        "protect", "--dataset_dir", str(dataset), "--ckpt_dir", str(ckpt), "--output_dir", str(output),
+        "--method", method), OMP_NUM_THREADS=options.threads), log=output.parent / f"{output.name}.log")
+    return step["wall_time_s"]
+
+
 def protect_against_io(record: SpeedRecord, options: argparse.Namespace, description: str, dataset: Path,
                        work: Path) -> dict:
-    """Protect's seconds per case on ``dataset`` (``description`` names it in the record) with each of
-    PROTECT_METHODS, nibabel's, and their ratios."""
+    """
+    Protect's seconds per case on ``dataset`` (``description`` names it in the record) with each of
+    PROTECT_METHODS, nibabel's, and their ratios. A command's seconds per case include its start-up
+    (imports, the bundle, the network: seconds, whatever the number of cases); for an archive the
+    marginal seconds per case count, measured by a second command over the first tenth of the cases
+    (at least one): (T(all) - T(first)) / (cases - first). A one-case dataset has no marginal cost.
+    """
     cases = len(open_dataset(dataset).cases)
     ckpt = untrained_generator(dataset, work / "ckpt")
-    result = {"dataset": description, "cases": cases, "protect": {}}
+    first = max(1, cases // 10) if cases > 1 else None
+    first_cases = dataset_subset(dataset, work / "first_cases", first) if first else None
+    result = {"dataset": description, "cases": cases, "first_cases": first, "protect": {}}
     for method in PROTECT_METHODS:
-        step = record.run(f"protect {work.name} ({method})", with_environment(bundle(
-            "protect", "--dataset_dir", str(dataset), "--ckpt_dir", str(ckpt), "--output_dir", str(work / method),
-            "--method", method), OMP_NUM_THREADS=options.threads), log=work / f"protect_{method}.log")
-        result["protect"][method] = {"wall_time_s": step["wall_time_s"],
-                                     "seconds_per_case": step["wall_time_s"] / cases}
+        seconds = protect_step(record, options, f"protect {work.name} ({method})", dataset, ckpt, work / method, method)
+        timing = {"wall_time_s": seconds, "seconds_per_case": seconds / cases}
+        if first_cases:
+            seconds_first = protect_step(record, options, f"protect {work.name}, first {first} cases ({method})",
+                                         first_cases, ckpt, work / f"{method}_first_cases", method)
+            timing.update(first_cases_wall_time_s=seconds_first,
+                          marginal_seconds_per_case=(seconds - seconds_first) / (cases - first))
+        result["protect"][method] = timing
     io_seconds = nibabel_round_trip(dataset, work / "nibabel")
     result["nibabel_io"] = {"wall_time_s": io_seconds, "seconds_per_case": io_seconds / cases}
     result["protect_over_io"] = {method: timing["seconds_per_case"] / result["nibabel_io"]["seconds_per_case"]
                                  for method, timing in result["protect"].items()}
+    if first_cases:
+        result["marginal_over_io"] = {
+            method: timing["marginal_seconds_per_case"] / result["nibabel_io"]["seconds_per_case"]
+            for method, timing in result["protect"].items()}
     return result
 
 
@@ -513,13 +536,20 @@ def profile_table(part: dict) -> str:
 
 
 def protect_table(part: dict) -> str:
-    """Seconds per case of protect and of nibabel's read and write, and their ratio, per dataset and method."""
+    """Seconds per case of protect (the whole command, and marginal: without the start-up) and of
+    nibabel's read and write, and their ratios, per dataset and method ("-": no marginal cost measured)."""
+    def marginal(dataset: dict, method: str) -> list[str]:
+        if "marginal_over_io" not in dataset:
+            return ["-", "-"]
+        return [format_seconds(dataset["protect"][method]["marginal_seconds_per_case"]),
+                f"{dataset['marginal_over_io'][method]:.2f}"]
+
     rows = [[dataset["dataset"], str(dataset["cases"]), method,
              format_seconds(timing["seconds_per_case"]), format_seconds(dataset["nibabel_io"]["seconds_per_case"]),
-             f"{dataset['protect_over_io'][method]:.2f}"]
+             f"{dataset['protect_over_io'][method]:.2f}", *marginal(dataset, method)]
             for dataset in part["datasets"] for method, timing in dataset["protect"].items()]
     return markdown_table(["dataset", "cases", "method", "protect (s per case)", "nibabel read + write (s per case)",
-                           "protect / nibabel"], rows)
+                           "protect / nibabel", "protect, marginal (s per case)", "marginal / nibabel"], rows)
 
 
 def memory_table(part: dict) -> str:
@@ -557,6 +587,9 @@ def speed_markdown(record: dict) -> str:
                   table(measured)]
         if part == "multiprocess":
             lines += ["", f"2 processes / 1 process: {measured['two_over_one']:.3f}."]
+        if part == "protect":
+            lines += ["", "Protect's seconds per case are its command's wall time over the cases, start-up included; the "
+                      "marginal ones leave the start-up out: (T(all cases) - T(first tenth)) / (cases - first tenth)."]
         if part == "fit" and profile_table(measured):
             lines += ["", "Where one generator step's time goes (torch.profiler, one step after the timed ones; "
                       "operators by self time):", "", profile_table(measured)]

@@ -95,9 +95,21 @@ def test_speed_benchmark_end_to_end(tmp_path):
             assert timing["seconds_per_case"] == pytest.approx(timing["wall_time_s"] / dataset["cases"])
             ratio = timing["seconds_per_case"] / io["seconds_per_case"]
             assert dataset["protect_over_io"][method] == pytest.approx(ratio)
-    assert [step["step"] for step in record["steps"]] == [
-        "protect data (random)", "protect data (voxshield)", "protect thick_slices (random)",
-        "protect thick_slices (voxshield)"]
+    # the marginal cost of a case: the 2-case command against the same command on its first case
+    assert datasets[0]["first_cases"] == 1 and datasets[1]["first_cases"] is None
+    steps = {step["step"]: step for step in record["steps"]}
+    for method, timing in datasets[0]["protect"].items():
+        first = steps[f"protect data, first 1 cases ({method})"]
+        assert first["command"].count("--dataset_dir") == 1 and "first_cases" in first["command"]
+        assert timing["first_cases_wall_time_s"] == first["wall_time_s"]
+        assert timing["marginal_seconds_per_case"] == pytest.approx(timing["wall_time_s"] - first["wall_time_s"])
+        assert datasets[0]["marginal_over_io"][method] == pytest.approx(
+            timing["marginal_seconds_per_case"] / datasets[0]["nibabel_io"]["seconds_per_case"])
+    assert "marginal_over_io" not in datasets[1]  # one case: no marginal cost to measure
+    assert "marginal_seconds_per_case" not in datasets[1]["protect"]["random"]
+    assert list(steps) == [
+        "protect data (random)", "protect data, first 1 cases (random)", "protect data (voxshield)",
+        "protect data, first 1 cases (voxshield)", "protect thick_slices (random)", "protect thick_slices (voxshield)"]
     for step in record["steps"]:
         assert step["exit_code"] == 0 and step["wall_time_s"] > 0 and step["peak_rss_mib"] > 0
         assert step["command"].startswith("env OMP_NUM_THREADS=1 python -m monai.bundle run protect ")
@@ -108,6 +120,9 @@ def test_speed_benchmark_end_to_end(tmp_path):
         for method, ratio in dataset["protect_over_io"].items():
             assert f"| {dataset['dataset']} | {dataset['cases']} | {method} |" in markdown
             assert f"| {ratio:.2f} |" in markdown
+    for method, ratio in datasets[0]["marginal_over_io"].items():
+        assert f"| {ratio:.2f} |" in markdown.split(f"| {datasets[0]['dataset']} | 2 | {method} |")[1].splitlines()[0]
+    assert f"| {datasets[1]['dataset']} | 1 | random |" in markdown and "| - | - |" in markdown
     for path in (results / "speed.json", results / "speed.md"):
         assert_no_machine_paths(path)
 
