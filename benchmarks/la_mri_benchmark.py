@@ -78,6 +78,10 @@ RUNS = {  # run name -> method, its overrides of train.json alone, its perturbat
     "authors_schedule_100": ("voxshield", ["--surrogate_batches_per_epoch", "10", "--epochs", "100"], []),
     # the paper's own setting, per-batch alternation for 100 generator epochs (about an hour on 2 cores)
     "paper_100": ("voxshield", ["--epochs", "100"], []),
+    # issue 14: VoxShield fitted through nnU-Net's augmentation (custom.augmentation, an expectation over the
+    # exploiter's flips, affine resampling, intensity changes, noise and blur), so its shortcut is one that
+    # survives the augmenting victim that ignores the paper's noise; not the paper's method
+    "voxshield_eot": ("voxshield", ["--fit_augmentation", "true"], []),
     # a bound sweep of the training-free noises: at which eps does a label-coded pattern (LSP, the carrier)
     # or a label-shaped texture (random) start to keep the victim from learning?
     **{f"{method}_eps{level}": (method, [], ["--eps", repr(level / 255)])

@@ -201,8 +201,8 @@ def tables(results: list[dict]) -> str:
       full, w/o L_SPD (lambda_spd 0), w/o L_ISC (lambda_isc 0), with the clean reference row; UNet victim;
       only when there is a voxshield result.
     - Table 4, results fitted with settings other than configs/train.json's (SETTINGS: eps, ROI
-      dilation, squash, ROI masking, surrogate and generator steps, surrogate batches per epoch; and
-      the arguments of both networks, where the training record names them),
+      dilation, squash, ROI masking, surrogate and generator steps, surrogate batches per epoch, fitting
+      through the exploiter's augmentation; and the arguments of both networks, where the training record names them),
       one row per method and variant, with the clean reference row; UNet victim. Tables 1-3 leave
       these results out. A training-free method's settings are read from its perturbation parameters.
 

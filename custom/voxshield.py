@@ -21,6 +21,11 @@ class VoxShield(Protector):
     the two parts are ``fit_surrogate`` and ``fit_generator`` (benchmarks/speed.py times them apart).
     ``perturb`` runs G over a whole volume with ``inferer`` (sliding windows).
 
+    With ``augmentation`` (e.g. custom.augmentation.ExploiterAugmentation) the fit is an expectation
+    over an augmenting exploiter's transformations, not the paper's method: F trains on augmented
+    x_p, and each G update draws one transformation and applies it alike to x, x_p and y, so the
+    noise is fitted to keep its shortcut through the augmentation. L_ISC still sees the un-augmented delta.
+
     fit_step returns ``loss`` (the generator's L), ``surrogate_loss``, ``segmentation_loss``,
     ``spd_loss`` and ``isc_loss``.
 
@@ -40,6 +45,10 @@ class VoxShield(Protector):
         surrogate_batches_per_epoch: update F on this many batches per epoch only (the authors' code:
             10 surrogate minibatches, then a generator pass over every case); None, the default,
             updates F on every batch.
+        augmentation: the exploiter's augmentation to fit through (fitting only), such as
+            custom.augmentation.ExploiterAugmentation: ``augmentation(image, label)`` draws and applies
+            a transformation, ``draw(shape)`` and ``apply(draw, image, label=None)`` do it in two steps,
+            both returning (image, label). None, the default, fits on the data as it is (the paper).
     """
 
     name = "voxshield"
@@ -61,6 +70,7 @@ class VoxShield(Protector):
         surrogate_steps: int = 1,
         generator_steps: int = 1,
         surrogate_batches_per_epoch: int | None = None,
+        augmentation: nn.Module | None = None,
         seed: int = 0,
         amp: bool = False,
     ) -> None:
@@ -83,6 +93,7 @@ class VoxShield(Protector):
         self.generator_steps = generator_steps
         self.surrogate_batches_per_epoch = surrogate_batches_per_epoch
         self._surrogate_batches_left = surrogate_batches_per_epoch
+        self.augmentation = augmentation
 
     def start_epoch(self) -> None:
         self._surrogate_batches_left = self.surrogate_batches_per_epoch
@@ -107,7 +118,8 @@ class VoxShield(Protector):
 
     def fit_surrogate(self, image: torch.Tensor, label: torch.Tensor, roi: torch.Tensor, steps: int) -> torch.Tensor:
         """
-        The surrogate's part of a fit step: ``steps`` DiceCE updates of F on x_p, G fixed.
+        The surrogate's part of a fit step: ``steps`` DiceCE updates of F on x_p (a fresh draw of
+        ``augmentation`` each, when set), G fixed.
 
         Args:
             image, label: the batch of training patches.
@@ -121,15 +133,19 @@ class VoxShield(Protector):
         for _ in range(steps):
             with torch.no_grad(), self.autocast(image.device):
                 protected, _ = self.perturbation(image, self.generator(image), roi)
+            seen, seen_label = protected, label
+            if self.augmentation is not None:
+                seen, seen_label = self.augmentation(protected, label)
             with self.autocast(image.device):
-                surrogate_loss = self.segmentation_loss(self.surrogate(protected), label)
+                surrogate_loss = self.segmentation_loss(self.surrogate(seen), seen_label)
             self.optimiser_step(self.surrogate_optimizer, surrogate_loss)
         return surrogate_loss
 
     def fit_generator(self, image: torch.Tensor, label: torch.Tensor, roi: torch.Tensor) -> dict[str, float]:
         """
         The generator's part of a fit step: F's clean logits once, without gradients, then
-        ``generator_steps`` updates of G against F, frozen.
+        ``generator_steps`` updates of G against F, frozen. With ``augmentation``, each update draws
+        one transformation for x, x_p and y, so the clean logits are computed per update, on augmented x.
 
         Args:
             image, label: the batch of training patches.
@@ -143,15 +159,28 @@ class VoxShield(Protector):
         frozen.requires_grad_(False)
         try:
             # the labelled phases show where the step's time goes under torch.profiler (benchmarks/speed.py)
-            with torch.no_grad(), self.autocast(image.device), record_function("voxshield.clean_forward"):
-                clean_logits = frozen(image)
+            def clean_forward(clean: torch.Tensor) -> torch.Tensor:
+                with torch.no_grad(), self.autocast(image.device), record_function("voxshield.clean_forward"):
+                    return frozen(clean)
+
+            if self.augmentation is None:
+                clean_logits = clean_forward(image)  # the same for every update: no draw to depend on
             for _ in range(self.generator_steps):
+                seen_label = label
+                if self.augmentation is not None:
+                    draw = self.augmentation.draw(image.shape)
+                    with record_function("voxshield.exploiter_augmentation"):
+                        clean = self.augmentation.apply(draw, image)[0]
+                    clean_logits = clean_forward(clean)
                 with self.autocast(image.device):
                     with record_function("voxshield.generator_forward"):
                         protected, delta = self.perturbation(image, self.generator(image), roi)
+                    if self.augmentation is not None:
+                        with record_function("voxshield.exploiter_augmentation"):
+                            protected, seen_label = self.augmentation.apply(draw, protected, label)
                     with record_function("voxshield.surrogate_forward_and_losses"):
                         protected_logits = frozen(protected)
-                        segmentation = self.segmentation_loss(protected_logits, label)
+                        segmentation = self.segmentation_loss(protected_logits, seen_label)
                         spd = self.spd_loss(protected_logits, clean_logits)
                         isc = self.isc_loss(delta)
                         loss = segmentation + self.lambda_spd * spd + self.lambda_isc * isc

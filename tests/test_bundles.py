@@ -13,6 +13,7 @@ from monai.bundle import ConfigParser
 from checks import assert_protected_copy
 from conftest import EPS, REPO_ROOT, generator_net, run_bundle, run_in_process
 from custom import bundle_utils
+from custom.augmentation import ExploiterAugmentation
 
 CASES = [("voxshield_flare", "flare_data", True, 1), ("voxshield_brats", "brats_data", False, 4)]
 # the surrogate is only checked to be saved: a narrow one trains in a fraction of the default's time
@@ -31,6 +32,27 @@ def test_surrogate_schedule_is_a_config_value(bundle, data_fixture, ct, channels
     parser.parse()
     assert parser.get_parsed_content("protectors#voxshield").surrogate_batches_per_epoch == 10
     assert parser.get_parsed_content("training_record#surrogate_batches_per_epoch") == 10
+
+
+@pytest.mark.parametrize("bundle, data_fixture, ct, channels", CASES)
+def test_fit_augmentation_is_a_config_switch(bundle, data_fixture, ct, channels, request):
+    """train.json fits VoxShield on the data as it is by default; --fit_augmentation true fits it through
+    the exploiter's augmentation, drawn from the run's seed, and the training record says so."""
+    parser = ConfigParser()
+    parser.read_config(bundle_utils.config_files(bundle, "training"))
+    parser["dataset_dir"] = str(request.getfixturevalue(data_fixture))
+    assert parser.get_parsed_content("protectors#voxshield").augmentation is None
+    assert parser.get_parsed_content("training_record#fit_augmentation") is False
+    parser["fit_augmentation"], parser["seed"] = "true", 7
+    parser.parse()
+    augmentation = parser.get_parsed_content("protectors#voxshield").augmentation
+    assert isinstance(augmentation, ExploiterAugmentation) and augmentation.random.initial_seed() == 7
+    assert parser.get_parsed_content("training_record#fit_augmentation") is True
+    parser["fit_augmentation"] = "perhaps"
+    parser.parse()
+    with pytest.raises(RuntimeError) as raised:  # MONAI's resolver wraps the error of the switch's expression
+        parser.get_parsed_content("protectors#voxshield")
+    assert str(raised.value.__cause__) == "--fit_augmentation must be true or false, got 'perhaps'."
 
 
 @pytest.mark.parametrize("bundle, data_fixture, ct, channels", CASES)

@@ -245,12 +245,14 @@ def test_other_settings_leave_the_paper_tables_for_table_4(tmp_path):
     results_file(root / "authors", "voxshield", dice=0.50, training={**defaults, "surrogate_batches_per_epoch": 10})
     results_file(root / "authors_long", "voxshield", dice=0.20,
                  training={**defaults, "surrogate_batches_per_epoch": 10, "epochs": 100})
+    results_file(root / "eot", "voxshield", dice=0.10, training={**defaults, "fit_augmentation": True})
     markdown = report.tables(collect_results(root))
 
     assert markdown_rows(markdown, "Table 1")["voxshield"]["FLARE21 DSC (%)"] == "60.00"  # the default run alone
     assert list(markdown_rows(markdown, "Table 3")) == ["clean (reference)", "full"]
     table4 = markdown_rows(markdown, "Table 4")
     assert list(table4) == ["clean (reference)", "voxshield: full; eps 0.06275, roi_dilation 2, 50 epochs",
+                            "voxshield: full; fit_augmentation True, 50 epochs",
                             "voxshield: full; surrogate_batches_per_epoch 10, 100 epochs",
                             "voxshield: full; surrogate_batches_per_epoch 10, 50 epochs",
                             "voxshield: w/o L_SPD; surrogate_steps 0, 50 epochs"]
@@ -258,7 +260,8 @@ def test_other_settings_leave_the_paper_tables_for_table_4(tmp_path):
     assert table4["voxshield: full; surrogate_batches_per_epoch 10, 100 epochs"]["FLARE21 DSC (%)"] == "20.00"
     assert table4["voxshield: full; eps 0.06275, roi_dilation 2, 50 epochs"]["FLARE21 DSC (%)"] == "40.00"
     assert table4["voxshield: w/o L_SPD; surrogate_steps 0, 50 epochs"]["FLARE21 DSC (%)"] == "30.00"
-    assert "defaults: eps 0.01569, roi_dilation 0, squash tanh" in markdown
+    assert table4["voxshield: full; fit_augmentation True, 50 epochs"]["FLARE21 DSC (%)"] == "10.00"
+    assert "defaults: eps 0.01569, roi_dilation 0, squash tanh" in markdown and "fit_augmentation False" in markdown
 
 
 def test_countermeasure_matrix(tmp_path):

@@ -1,7 +1,9 @@
 """VoxShield's fit step through the ProtectorTrainer: which network each step updates, and how the
-generator loss is weighted."""
+generator loss is weighted; the step without augmentation (the paper's) and through the exploiter's."""
 
 import copy
+import itertools
+import math
 
 import pytest
 import torch
@@ -12,32 +14,37 @@ from monai.networks.nets import UNet
 from custom.perturbation import ROIBoundedPerturbation
 from custom.voxshield import VoxShield
 from custom.trainer import ProtectorTrainer
+from test_augmentation import every_component, only
 
 
 def tiny_unet(in_channels, out_channels):
     return UNet(3, in_channels, out_channels, channels=(4, 8, 16), strides=(2, 2), num_res_units=0)
 
 
-def make_trainer(surrogate_steps, generator_steps=1, surrogate_batches_per_epoch=None, batches=1, epochs=1):
-    torch.manual_seed(0)
-    image = torch.rand(2, 1, 16, 16, 16)
-    label = torch.zeros(2, 1, 16, 16, 16)
-    label[:, :, 4:12, 4:12, 4:12] = 1
-    loader = [{"image": image, "label": label}] * batches
+def make_protector(seed=0, **options):
+    """VoxShield with tiny networks initialised from ``seed``; ``options``: its step counts, schedule, augmentation."""
+    torch.manual_seed(seed)
     generator, surrogate = tiny_unet(1, 1), tiny_unet(1, 2)
-    protector = VoxShield(
+    return VoxShield(
         perturbation=ROIBoundedPerturbation(),
         generator=generator,
         surrogate=surrogate,
         generator_optimizer=torch.optim.Adam(generator.parameters(), 1e-2),
         surrogate_optimizer=torch.optim.Adam(surrogate.parameters(), 1e-2),
         segmentation_loss=DiceCELoss(to_onehot_y=True, softmax=True),
-        surrogate_steps=surrogate_steps,
-        generator_steps=generator_steps,
-        surrogate_batches_per_epoch=surrogate_batches_per_epoch,
+        **options,
     )
+
+
+def make_trainer(surrogate_steps, generator_steps=1, surrogate_batches_per_epoch=None, batches=1, epochs=1):
+    image = torch.rand(2, 1, 16, 16, 16, generator=torch.Generator().manual_seed(0))
+    label = torch.zeros(2, 1, 16, 16, 16)
+    label[:, :, 4:12, 4:12, 4:12] = 1
+    loader = [{"image": image, "label": label}] * batches
+    protector = make_protector(surrogate_steps=surrogate_steps, generator_steps=generator_steps,
+                               surrogate_batches_per_epoch=surrogate_batches_per_epoch)
     trainer = ProtectorTrainer(device="cpu", max_epochs=epochs, train_data_loader=loader, protector=protector)
-    return trainer, generator, surrogate
+    return trainer, protector.generator, protector.surrogate
 
 
 def changed(before, module):
@@ -95,3 +102,97 @@ def test_step_counts_are_validated():
         make_trainer(surrogate_steps=1, generator_steps=0)
     with pytest.raises(ValueError, match="surrogate_batches_per_epoch must be None or >= 0, got -1"):
         make_trainer(surrogate_steps=1, surrogate_batches_per_epoch=-1)
+
+
+def cube_batch():
+    image = torch.rand(2, 1, 16, 16, 16, generator=torch.Generator().manual_seed(1))
+    label = torch.zeros(2, 1, 16, 16, 16)
+    label[:, :, 3:11, 4:12, 5:13] = 1
+    return image, label
+
+
+def test_without_augmentation_the_fit_step_is_the_papers_bit_for_bit():
+    """augmentation=None keeps the paper's step: the same losses and weights, to the bit, as the step
+    written out here on a copy of the protector."""
+    protector = make_protector()
+    twin = copy.deepcopy(protector)
+    image, label = cube_batch()
+    output = protector.fit_step(image, label)
+
+    roi = twin.perturbation.roi_mask(label)
+    twin.generator.train()
+    twin.surrogate.train()
+    with torch.no_grad():
+        protected, _ = twin.perturbation(image, twin.generator(image), roi)
+    surrogate_loss = twin.segmentation_loss(twin.surrogate(protected), label)
+    twin.surrogate_optimizer.zero_grad()
+    surrogate_loss.backward()
+    twin.surrogate_optimizer.step()
+    twin.surrogate.eval().requires_grad_(False)
+    with torch.no_grad():
+        clean_logits = twin.surrogate(image)
+    protected, delta = twin.perturbation(image, twin.generator(image), roi)
+    protected_logits = twin.surrogate(protected)
+    segmentation = twin.segmentation_loss(protected_logits, label)
+    spd = twin.spd_loss(protected_logits, clean_logits)
+    isc = twin.isc_loss(delta)
+    loss = segmentation + 0.05 * spd + 0.2 * isc
+    twin.generator_optimizer.zero_grad()
+    loss.backward()
+    twin.generator_optimizer.step()
+
+    assert output == {"loss": loss.item(), "surrogate_loss": surrogate_loss.item(),
+                      "segmentation_loss": segmentation.item(), "spd_loss": spd.item(), "isc_loss": isc.item()}
+    for network in ("generator", "surrogate"):
+        for a, b in zip(getattr(protector, network).parameters(), getattr(twin, network).parameters()):
+            assert torch.equal(a, b), network
+
+
+def test_fit_step_through_the_augmentation_trains_the_generator():
+    protector = make_protector(augmentation=every_component())
+    image, label = cube_batch()
+    generator_before = copy.deepcopy(protector.generator)
+    for _ in range(2):
+        output = protector.fit_step(image, label)
+        assert all(math.isfinite(value) for value in output.values()), output
+    assert changed(generator_before, protector.generator)
+    delta = protector.perturb(image, label)
+    assert delta.abs().max() <= protector.perturbation.eps + 1e-7 and delta.abs().max() > 0
+    assert not delta[(label == 0).expand_as(delta)].any()
+
+
+def test_one_draw_moves_clean_image_protected_image_and_label_alike():
+    """With per-sample random flips as the exploiter's augmentation, F trains on flipped x_p and y, and
+    in G's update the clean image, x_p and y are flipped along the same axes."""
+    protector = make_protector(augmentation=only(seed=2, flip_prob=0.5))
+    image, label = cube_batch()
+    label[:, :, 3:5, 4:6, 5:7] = 0  # an asymmetric label, so every flip changes it
+    with torch.no_grad():  # the generator is still as it is here when F and G use it in the step
+        expected = protector.perturbation(image, protector.generator(image), protector.support(label))[0]
+    surrogate_inputs, labels = [], []
+    protector.surrogate.register_forward_hook(
+        lambda module, inputs, output: surrogate_inputs.append((module.training, inputs[0].detach().clone())))
+    protector.segmentation_loss.register_forward_pre_hook(lambda module, inputs: labels.append(inputs[1]))
+    protector.fit_step(image, label)
+
+    (trained, surrogate_input), (clean_mode, clean), (protected_mode, protected) = surrogate_inputs
+    assert trained and not clean_mode and not protected_mode
+    surrogate_label, generator_label = labels
+    flipped_any = False
+    for sample in range(image.shape[0]):
+        for seen, seen_label, reference in ((surrogate_input, surrogate_label, expected),
+                                            (protected, generator_label, expected), (clean, generator_label, image)):
+            axes = flip_axes(seen_label[sample], label[sample])
+            flipped_any |= bool(axes)
+            torch.testing.assert_close(seen[sample], reference[sample].flip(axes))
+        assert flip_axes(clean[sample], image[sample]) == flip_axes(generator_label[sample], label[sample])
+    assert flipped_any
+
+
+def flip_axes(seen, original):
+    """The axes (of a C, H, W, D sample) along which ``seen`` is ``original`` flipped."""
+    for flips in itertools.product((False, True), repeat=3):
+        axes = [1 + axis for axis, flipped in enumerate(flips) if flipped]
+        if torch.equal(seen, original.flip(axes)):
+            return axes
+    raise AssertionError("not a flip of the original")
