@@ -100,6 +100,10 @@ RUNS = {  # run name -> method, its overrides of train.json alone, its perturbat
     # Nyquist checkerboard they undo
     **{f"carrier_p{period}_eps16": ("carrier", [], ["--carrier_period", str(period), "--eps", repr(16 / 255)])
        for period in (4, 8)},
+    # ... and the isotropic texture of period 4 (custom.carriers, orientation "isotropic"): no direction for
+    # flips and rotations to turn, the first carrier meant to survive nnU-Net's augmentation
+    "carrier_isotropic_p4_eps16": ("carrier", [], ["--carrier_period", "4", "--carrier_orientation", "isotropic",
+                                                   "--eps", repr(16 / 255)]),
 }
 PROTOCOL = ["full", "no_spd", "no_isc", "random", "lsp", "em", "tap", "umed", "sep", "pue"]
 BASELINE_SURROGATE = '--surrogate_def#channels "[16,32,64,128,256]" --surrogate_def#num_res_units 1'

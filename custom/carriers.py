@@ -15,7 +15,8 @@ import torch
 from custom.perturbation import ROIBoundedPerturbation
 from custom.protector_base import Protector
 
-ORIENTATIONS = ("diagonal", "random")
+ORIENTATIONS = ("diagonal", "random", "isotropic")
+RING_HALF_WIDTH = 0.25  # the isotropic carrier's pass band: |f| within 1/period x (1 -+ this)
 CODINGS = ("presence", "phase")
 
 
@@ -42,17 +43,24 @@ class LabelCodedCarrier(Protector):
     phase from ``seed``, so classes get different carriers and the pattern is secret. Periods of 3-8
     voxels survive resampling and smoothing better than the Nyquist checkerboard. Coordinates are
     voxel indices of the whole volume, so the carrier is the same whatever the order of the cases.
+    ``orientation="isotropic"`` has no direction: the sign of seeded white noise band-passed (over
+    ``axes``) to the ring of frequencies within 1/period x (1 -+ 0.25), a labyrinth texture of that
+    period with every orientation equally present, so flips and rotations (an exploiter's
+    augmentation) change the pattern but not its statistics; it is drawn per class from ``seed`` and
+    the volume's size.
 
     Args:
         perturbation: eps and the support (mask_roi, roi_dilation) shared by every method.
         period: voxels per cycle along d. Default 2.0 (with "diagonal": the checkerboard).
         axes: spatial axes (0, 1, 2 of H, W, D) the carrier varies along. Default (0, 1).
         orientation: ``"diagonal"`` (d = 1 on each of ``axes``; phase a quarter step off the zero
-            crossings) or ``"random"`` (per class, from ``seed``). Default "diagonal".
+            crossings), ``"random"`` (per class, from ``seed``) or ``"isotropic"`` (see above).
+            Default "diagonal".
         coding: ``"presence"`` or ``"phase"``, see above. Default "phase".
         outside_amplitude: the carrier's amplitude outside the label under phase coding, as a
             fraction of eps, in [0, 1]. Default 1.0.
-        seed: draws the directions and phases of ``orientation="random"``.
+        seed: draws the directions and phases of ``orientation="random"`` and the textures of
+            ``"isotropic"``.
         amp: unused (nothing is computed in reduced precision); kept for the common interface.
 
     Shapes:
@@ -97,12 +105,29 @@ class LabelCodedCarrier(Protector):
         return direction, phase
 
     def carrier(self, class_index: int, size: Sequence[int], device: torch.device | None = None) -> torch.Tensor:
-        """(H, W, D) = ``size`` square wave of class ``class_index``, values +-1."""
+        """(H, W, D) = ``size`` square wave (or isotropic texture) of class ``class_index``, values +-1."""
+        if self.orientation == "isotropic":
+            return self.isotropic_texture(class_index, size).to(device)
         direction, phase = self.direction_and_phase(class_index)
         coordinates = torch.meshgrid(*(torch.arange(n, dtype=torch.float64, device=device) for n in size), indexing="ij")
         position = sum(component * grid for component, grid in zip(direction, coordinates))
         wave = torch.cos(2 * math.pi * position / self.period + phase)
         return torch.where(wave >= 0, 1.0, -1.0).float()
+
+    def isotropic_texture(self, class_index: int, size: Sequence[int]) -> torch.Tensor:
+        """(H, W, D) = ``size``: sign of white noise (seeded by seed, class and size) kept on the ring
+        of frequencies around 1/period over ``axes``, constant along the other axes."""
+        plane = [int(size[axis]) for axis in sorted(self._axes)]
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + int(class_index))
+        noise = torch.randn(plane, generator=generator, dtype=torch.float64)
+        frequencies = torch.meshgrid(*(torch.fft.fftfreq(n, dtype=torch.float64) for n in plane), indexing="ij")
+        radius = torch.sqrt(sum(frequency ** 2 for frequency in frequencies))
+        ring = (radius - 1 / self.period).abs() <= RING_HALF_WIDTH / self.period
+        texture = torch.fft.ifftn(torch.fft.fftn(noise) * ring).real
+        sign = torch.where(texture >= 0, 1.0, -1.0).float()
+        # the texture spans the axes in increasing order; the other axes are broadcast
+        shape = [int(size[axis]) if axis in self._axes else 1 for axis in range(3)]
+        return sign.reshape(shape).expand(*(int(n) for n in size)).contiguous()
 
     def perturb(self, image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         foreground_classes = [int(c) for c in torch.unique(label).tolist() if c > 0]

@@ -6,7 +6,9 @@ copy, to test whether the protection survives them. configs/evaluate.json declar
 - filters (``z_smooth``, ``smooth3d``, ``median``, ``resample``, ``jpeg``) change the victim's
   training volumes once, after loading and normalisation and before cropping, so they see whole
   volumes; the clean test volumes are not filtered (``resample`` excepted: see ResampledInferer);
-- ``nnunet_aug`` adds random augmentations to every training crop;
+- ``nnunet_aug`` adds random augmentations to every training crop; ``nnunet_spatial`` (rotation,
+  scaling), ``nnunet_intensity`` (noise, blur, brightness, contrast, low resolution, gamma) and
+  ``nnunet_mirror`` (flips) are its three parts alone, to find which of them undoes a protection;
 - ``pgd_at`` trains the victim adversarially (AdversarialBatch).
 
 The 2D slice-wise victim is a victim, ``--victim slice2d`` (custom.victims), so that it combines with
@@ -31,7 +33,8 @@ from scipy import ndimage
 
 from custom.manifest import MANIFEST_NAME, read_manifest
 
-COUNTERMEASURES = ("z_smooth", "smooth3d", "median", "resample", "jpeg", "nnunet_aug", "pgd_at")
+COUNTERMEASURES = ("z_smooth", "smooth3d", "median", "resample", "jpeg", "nnunet_aug", "nnunet_spatial", "nnunet_intensity",
+                   "nnunet_mirror", "pgd_at")
 
 
 def select(name: str | None, transforms: Mapping[str, Sequence]) -> list:

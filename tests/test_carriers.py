@@ -87,6 +87,34 @@ def test_random_orientation_gives_each_class_a_secret_in_plane_carrier():
     assert frequency == pytest.approx(1 / 5, abs=1 / 40)
 
 
+def test_isotropic_texture_is_a_seeded_ring_of_frequencies_without_a_preferred_orientation():
+    protector = carrier(period=4, orientation="isotropic", seed=3)
+    first = protector.carrier(1, (64, 48, 3)).numpy()
+    assert set(np.unique(first)) == {-1.0, 1.0} and abs(first.mean()) < 0.1
+    assert (first == first[..., :1]).all()  # constant along the slice axis
+    assert np.array_equal(first, carrier(period=4, orientation="isotropic", seed=3).carrier(1, (64, 48, 3)).numpy())
+    assert np.array_equal(first, carrier(period=4, orientation="isotropic", seed=3, axes=(1, 0)).carrier(1, (64, 48, 3)).numpy())
+    assert (first != protector.carrier(2, (64, 48, 3)).numpy()).mean() > 0.3, "two classes share a texture"
+    assert (first != carrier(period=4, orientation="isotropic", seed=4).carrier(1, (64, 48, 3)).numpy()).mean() > 0.3
+    power = np.abs(np.fft.fft2(first[..., 0])) ** 2
+    power[0, 0] = 0
+    fy, fx = np.meshgrid(np.fft.fftfreq(64), np.fft.fftfreq(48), indexing="ij")
+    radius = np.hypot(fy, fx)
+    # the sign keeps most of the power near 1/period (its harmonics lie at 3/period and beyond)
+    assert power[np.abs(radius - 1 / 4) <= 0.25 / 4].sum() > 0.6 * power.sum()
+    # every orientation in the plane carries about the same power (a stripe would put it all in one bin)
+    ring = np.abs(radius - 1 / 4) <= 0.25 / 4
+    angle = np.arctan2(fy, fx)[ring] % np.pi
+    per_quadrant, _ = np.histogram(angle, bins=4, range=(0, np.pi), weights=power[ring])
+    assert per_quadrant.min() > 0.15 * per_quadrant.sum()
+
+
+def test_isotropic_texture_over_three_axes_varies_along_every_axis():
+    texture = carrier(period=3, orientation="isotropic", axes=(0, 1, 2)).carrier(1, (16, 16, 16)).numpy()
+    for axis in range(3):
+        assert (np.diff(texture, axis=axis) != 0).mean() > 0.1
+
+
 def test_the_in_plane_carrier_survives_z_smoothing_where_the_3d_one_does_not():
     label = torch.ones((1, 1, 8, 8, 24))
     image = torch.full_like(label, 0.5)

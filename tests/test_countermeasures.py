@@ -259,9 +259,9 @@ def test_pgd_at_end_to_end_reads_eps_from_the_manifest(flare_data, tmp_path):
 
 def test_the_config_puts_each_countermeasure_in_its_place(flare_data):
     crop = ["SpatialPadd", "RandCropByPosNegLabeld"]
-    nnunet = ["RandRotated", "RandZoomd", "RandGaussianNoised", "RandGaussianSmoothd", "RandScaleIntensityd",
-              "RandScaleIntensityFixedMeand", "RandSimulateLowResolutiond", "RandAdjustContrastd", "RandAdjustContrastd",
-              "RandFlipd", "RandFlipd", "RandFlipd"]
+    spatial, mirror = ["RandRotated", "RandZoomd"], ["RandFlipd"] * 3
+    intensity = ["RandGaussianNoised", "RandGaussianSmoothd", "RandScaleIntensityd", "RandScaleIntensityFixedMeand",
+                 "RandSimulateLowResolutiond", "RandAdjustContrastd", "RandAdjustContrastd"]
     pipelines = {
         None: ["LoadCased", *crop, "EnsureTyped"],
         "z_smooth": ["LoadCased", "GaussianSmoothNearestd", *crop, "EnsureTyped"],
@@ -269,7 +269,10 @@ def test_the_config_puts_each_countermeasure_in_its_place(flare_data):
         "median": ["LoadCased", "MedianSmoothd", *crop, "EnsureTyped"],
         "resample": ["LoadCased", "Spacingd", *crop, "EnsureTyped"],
         "jpeg": ["LoadCased", "SliceJPEGd", *crop, "EnsureTyped"],
-        "nnunet_aug": ["LoadCased", *crop, *nnunet, "EnsureTyped"],
+        "nnunet_aug": ["LoadCased", *crop, *spatial, *intensity, *mirror, "EnsureTyped"],
+        "nnunet_spatial": ["LoadCased", *crop, *spatial, "EnsureTyped"],
+        "nnunet_intensity": ["LoadCased", *crop, *intensity, "EnsureTyped"],
+        "nnunet_mirror": ["LoadCased", *crop, *mirror, "EnsureTyped"],
         "pgd_at": ["LoadCased", *crop, "EnsureTyped"],
     }
     assert set(pipelines) == {None, *COUNTERMEASURES}
