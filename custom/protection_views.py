@@ -41,6 +41,27 @@ def _recipe_without(key: str, fields: tuple[str, ...]) -> str:
     return json.dumps({name: value for name, value in json.loads(key).items() if name not in fields}, sort_keys=True)
 
 
+def _copy_names(summaries: list[dict]) -> tuple[dict[int, str], list[str]]:
+    """
+    What the countermeasure matrix and the authors' protocol call each result's training data: Table 1's
+    name (the method, "clean" for clean data, a fit length apart where one method has fits of several,
+    see by_fit_length) for data made with train.json's settings, Table 4's (custom.results.table4_row,
+    e.g. "voxshield: full; fit_augmentation True, 10 epochs") for the rest: other settings (eps,
+    fit_augmentation ...), other networks, an ablated loss.
+
+    Args:
+        summaries: as returned by custom.results.summarise.
+
+    Returns:
+        (id(summary) -> name, the names in order: clean, then Table 1's names by method and fit length,
+        then Table 4's by name).
+    """
+    paper = [s for s in summaries if s["variant"] in (Variant(CLEAN), Variant(FULL))]
+    names, order = by_fit_length(paper, lambda s: s["method"], lambda name: (name != CLEAN, name))
+    other = {id(s): table4_row(s) for s in summaries if id(s) not in names}
+    return {**names, **other}, order + sorted(set(other.values()))
+
+
 def _seeds_text(seeds: list) -> str:
     """The seeds of a row's victims, "?" for one not recorded."""
     return ", ".join("?" if seed is None else str(seed) for seed in seeds)
@@ -189,9 +210,7 @@ def countermeasure_matrix(summaries: list[dict]) -> dict:
     step = ("countermeasure", "countermeasure_settings")
     recipes = {_recipe_without(key, step) for key in clean}
     protected = [s for s in victims if s["method"] != CLEAN and _recipe_without(s["recipe_key"], step) in recipes]
-    # Table 1's names for copies made with train.json's settings, Table 4's for the others (another eps ...)
-    method, _ = by_fit_length([s for s in protected if not s["variant"].settings], lambda s: s["method"], str)
-    method.update({id(s): table4_row(s) for s in protected if s["variant"].settings})
+    method, _ = _copy_names(protected)
     method_order = sorted(set(method.values()))
     # the victim and the countermeasure (with its settings) name the column already; other recipe
     # differences (e.g. the epochs) are added in brackets
@@ -264,43 +283,53 @@ def countermeasure_markdown(matrix: dict) -> str:
 # ---- the authors' protocol -----------------------------------------------------------------------
 def authors_protocol_rows(summaries: list[dict]) -> list[dict]:
     """
-    The authors' protocol: the victims trained with the authors' recipe (evaluate's ``--recipe_name
-    paper``: whole volumes, the checkpoint best on a protected validation split), per method as in
-    Table 1 and dataset, with the clean victim of the same recipe as reference; victims of an
-    exploiter's step, loss ablations and other settings left out.
+    The authors' protocol: every victim trained with the authors' recipe (evaluate's ``--recipe_name
+    paper``: whole volumes, the checkpoint best on a protected validation split), one row per training
+    data (named as in the countermeasure matrix, see _copy_names, with the recipe's other differences in
+    brackets where several recipes are present), exploiter's step (countermeasure) and dataset, with the
+    clean victims of the same recipe, step and dataset as reference.
 
     Args:
         summaries: as returned by custom.results.summarise, one per results.json.
 
     Returns:
-        rows {"method", "dataset", "last", "best", "last_percent_of_clean", "best_percent_of_clean",
-        "seeds"}: mean DSC (%) of the last and of the best-on-protected-validation checkpoint (None
-        where no victim recorded one), and each as % of the clean victims' mean (None without a clean
-        victim); ordered by method (clean first), then dataset. Empty without such victims.
+        rows {"method", "countermeasure" ("none" without a step; with its bound where it has one, e.g.
+        "pgd_at eps 16/255"), "dataset", "last", "best", "last_percent_of_clean",
+        "best_percent_of_clean", "seeds"}: mean DSC (%) over the seeds of the last and of the
+        best-on-protected-validation checkpoint (None where no victim recorded one), and each as % of the
+        clean victims' mean (None without a clean victim); ordered by countermeasure ("none" first), then
+        method (clean first), then dataset. Empty without such victims.
     """
-    paper = [s for s in summaries if s["recipe_name"] == "paper" and s["countermeasure"] is None
-             and s["variant"] in (Variant(CLEAN), Variant(FULL)) and s["values"]["dsc_percent"] is not None]
-    names, order = by_fit_length(paper, lambda s: s["method"], lambda name: (name != CLEAN, name))
+    paper = [s for s in summaries if s["recipe_name"] == "paper" and s["values"]["dsc_percent"] is not None]
+    names, order = _copy_names(paper)
+    step = ("countermeasure", "countermeasure_settings")
+    differences = _recipe_labels({_recipe_without(s["recipe_key"], step) for s in paper})
     groups: dict[tuple, list[dict]] = {}
     for s in paper:
-        groups.setdefault((order.index(names[id(s)]), s["dataset"], s["recipe_key"]), []).append(s)
-    clean = {(dataset, key): members for (index, dataset, key), members in groups.items() if order[index] == CLEAN}
+        countermeasure = "none" if s["countermeasure"] is None else _step_text(s)
+        groups.setdefault((countermeasure != "none", countermeasure, order.index(names[id(s)]), s["dataset"],
+                           s["recipe_key"]), []).append(s)
+    clean = {(dataset, key): members for (*_, index, dataset, key), members in groups.items() if order[index] == CLEAN}
     rows = []
-    for (index, dataset, key), members in sorted(groups.items()):
-        last = float(np.mean([s["values"]["dsc_percent"] for s in members]))
-        bests = [s["best_dsc_percent"] for s in members if s["best_dsc_percent"] is not None]
-        best = float(np.mean(bests)) if bests else None
-        reference = clean.get((dataset, key))
-        clean_last = float(np.mean([s["values"]["dsc_percent"] for s in reference])) if reference else None
-        clean_bests = [s["best_dsc_percent"] for s in reference or [] if s["best_dsc_percent"] is not None]
-        clean_best = float(np.mean(clean_bests)) if clean_bests else None
+    for (_, countermeasure, index, dataset, key), members in sorted(groups.items()):
+        last, best = _last_and_best(members)
+        clean_last, clean_best = _last_and_best(clean.get((dataset, key), []))
         rows.append({
-            "method": order[index], "dataset": dataset, "last": last, "best": best,
+            "method": order[index] + differences[_recipe_without(key, step)], "countermeasure": countermeasure,
+            "dataset": dataset, "last": last, "best": best,
             "last_percent_of_clean": None if not clean_last else 100 * last / clean_last,
             "best_percent_of_clean": None if best is None or not clean_best else 100 * best / clean_best,
             "seeds": [s["seed"] for s in members],
         })
     return rows
+
+
+def _last_and_best(victims: list[dict]) -> tuple[float | None, float | None]:
+    """The mean DSC (%) of ``victims`` (e.g. a row's seeds) with the last and with the best-on-protected-
+    validation checkpoint, each None where none of them recorded one (no victims: both None)."""
+    lasts = [s["values"]["dsc_percent"] for s in victims]
+    bests = [s["best_dsc_percent"] for s in victims if s["best_dsc_percent"] is not None]
+    return (float(np.mean(lasts)) if lasts else None), (float(np.mean(bests)) if bests else None)
 
 
 def authors_protocol_markdown(rows: list[dict]) -> str:
@@ -312,17 +341,20 @@ def authors_protocol_markdown(rows: list[dict]) -> str:
 
     Returns:
         Markdown: the title, a table with a line per row (numbers to 2 decimals, "n/a" for None) and
-        a note on the recipe, ending in a newline.
+        a note on the recipe and the reference, ending in a newline.
     """
     def number(value):
         return "n/a" if value is None else f"{value:.2f}"
 
-    cells = [[row["method"], row["dataset"], number(row["last"]), number(row["last_percent_of_clean"]),
-              number(row["best"]), number(row["best_percent_of_clean"]),
+    cells = [[row["method"], row["countermeasure"], row["dataset"], number(row["last"]),
+              number(row["last_percent_of_clean"]), number(row["best"]), number(row["best_percent_of_clean"]),
               _seeds_text(row["seeds"])] for row in rows]
-    headers = ["method", "dataset", "DSC last (%)", "last, % of clean", "DSC best on protected validation (%)",
-               "best, % of clean", "seeds"]
+    headers = ["method", "countermeasure", "dataset", "DSC last (%)", "last, % of clean",
+               "DSC best on protected validation (%)", "best, % of clean", "seeds"]
     note = ("Victims trained with the authors' recipe (evaluate --recipe_name paper: whole volumes, batch 8, "
-            "Adam 5e-4, the checkpoint best on a validation split of the victim's own, protected, training data); "
-            "scored on the clean test cases; % of clean: over the clean victim of the same recipe.")
+            "Adam 5e-4, the checkpoint best on a validation split of the victim's own, protected, training data), "
+            "after the exploiter's step the countermeasure column names (none: no step); scored on the clean test "
+            "cases; DSC: mean over the victims' seeds; % of clean: over the clean victims of the same recipe, "
+            "step and dataset (n/a: there is none). Methods named as in Tables 1 and 4: a copy made with other "
+            "settings than train.json's (e.g. fit_augmentation, the baselines' lighter surrogate) names them.")
     return "\n".join([f"## {AUTHORS_PROTOCOL_TITLE}", "", markdown_table(headers, cells), "", note, ""])

@@ -327,23 +327,59 @@ def test_countermeasure_matrix_pairs_pgd_at_by_bound(tmp_path):
 
 
 def test_authors_protocol_section(tmp_path):
-    """Victims of the paper recipe get their own section (last and best-on-validation checkpoints, each
-    as % of the clean victim of that recipe) and stay out of Tables 1-4 and the frontier."""
+    """Every victim of the paper recipe gets a row in its own section, one per copy and exploiter's step
+    (last and best-on-validation checkpoints, each as % of the clean victim of that recipe and step;
+    seeds averaged; a copy fitted through the augmentation or with a lighter surrogate named as in Table
+    4), and stays out of Tables 1-4 and the frontier."""
     root = tmp_path / "runs"
+    paper = {"victim": "unet_paper", "recipe_name": "paper"}
     results_file(root / "clean", dice=0.80)
-    results_file(root / "clean_paper", victim="unet_paper", dice=0.70, best_dice=0.75, recipe_name="paper")
-    results_file(root / "vox_paper0", "voxshield", victim="unet_paper", dice=0.35, best_dice=0.60,
-                 recipe_name="paper", training=full())
-    results_file(root / "vox_paper1", "voxshield", victim="unet_paper", dice=0.21, best_dice=0.30,
-                 recipe_name="paper", training=full(), seed=1)
+    results_file(root / "clean_paper", dice=0.70, best_dice=0.75, **paper)
+    results_file(root / "vox_paper0", "voxshield", dice=0.35, best_dice=0.60, training=full(), **paper)
+    results_file(root / "vox_paper1", "voxshield", dice=0.21, best_dice=0.30, training=full(), seed=1, **paper)
+    results_file(root / "em_paper", "em", dice=0.56, best_dice=0.66, training={"epochs": 5}, **paper)
+    results_file(root / "clean_paper_aug", dice=0.90, best_dice=0.80, countermeasure="nnunet_aug", **paper)
+    results_file(root / "vox_paper_aug", "voxshield", dice=0.45, best_dice=0.84, training=full(),
+                 countermeasure="nnunet_aug", **paper)
+    results_file(root / "eot_paper_aug", "voxshield", dice=0.81, best_dice=0.72, countermeasure="nnunet_aug",
+                 training={**full(), "fit_augmentation": True}, **paper)
+    # a step no clean victim of the recipe went through: no reference
+    results_file(root / "vox_paper_smooth", "voxshield", dice=0.30, best_dice=0.40, training=full(),
+                 countermeasure="z_smooth", **paper)
     markdown = report.tables(collect_results(root))
 
-    rows = markdown_rows(markdown, "The authors' protocol")
-    assert rows["voxshield"]["DSC last (%)"] == "28.00" and rows["voxshield"]["last, % of clean"] == "40.00"
-    assert rows["voxshield"]["DSC best on protected validation (%)"] == "45.00"
-    assert rows["voxshield"]["best, % of clean"] == "60.00" and rows["voxshield"]["seeds"] == "0, 1"
-    assert rows["clean"]["last, % of clean"] == "100.00"
+    header, _, *lines = table_lines(markdown, "The authors' protocol")
+    assert header[:3] == ["method", "countermeasure", "dataset"]
+    rows = {(line[0], line[1]): dict(zip(header, line)) for line in lines}
+    eot = "voxshield: full; fit_augmentation True, 50 epochs"
+    assert list(rows) == [("clean", "none"), ("em", "none"), ("voxshield", "none"), ("clean", "nnunet_aug"),
+                          ("voxshield", "nnunet_aug"), (eot, "nnunet_aug"), ("voxshield", "z_smooth")]
+
+    def numbers(row):
+        return [row[name] for name in ("DSC last (%)", "last, % of clean", "DSC best on protected validation (%)",
+                                       "best, % of clean", "seeds")]
+
+    def percent(dice, clean_dice):
+        return f"{100 * dice / clean_dice:.2f}"
+
+    assert numbers(rows["clean", "none"]) == ["70.00", "100.00", "75.00", "100.00", "0"]
+    assert numbers(rows["voxshield", "none"]) == [
+        "28.00", percent((0.35 + 0.21) / 2, 0.70), "45.00", percent((0.60 + 0.30) / 2, 0.75), "0, 1"]
+    assert numbers(rows["em", "none"]) == ["56.00", percent(0.56, 0.70), "66.00", percent(0.66, 0.75), "0"]
+    # after nnU-Net's augmentation, against the clean victim trained after it (90 / 80), not the one without
+    assert numbers(rows["clean", "nnunet_aug"]) == ["90.00", "100.00", "80.00", "100.00", "0"]
+    assert numbers(rows["voxshield", "nnunet_aug"]) == ["45.00", percent(0.45, 0.90), "84.00", percent(0.84, 0.80), "0"]
+    assert numbers(rows[eot, "nnunet_aug"]) == ["81.00", percent(0.81, 0.90), "72.00", percent(0.72, 0.80), "0"]
+    assert numbers(rows["voxshield", "z_smooth"]) == ["30.00", "n/a", "40.00", "n/a", "0"]
+    assert {row["dataset"] for row in rows.values()} == {"FLARE21"}
+
+    saved = report.write_report(root, tmp_path / "out")["authors_protocol"]["rows"]
+    em = next(row for row in saved if row["method"] == "em")
+    assert em["countermeasure"] == "none" and em["seeds"] == [0]
+    assert em["last_percent_of_clean"] == pytest.approx(100 * 0.56 / 0.70)
+    assert em["best_percent_of_clean"] == pytest.approx(100 * 0.66 / 0.75)
     assert list(markdown_rows(markdown, "Table 1")) == ["clean"]
+    assert all(title not in markdown for title in ("Table 4", "Countermeasures", "Frontier"))
 
 
 def test_no_countermeasure_matrix_without_countermeasures(results_dir):
