@@ -104,6 +104,11 @@ RUNS = {  # run name -> method, its overrides of train.json alone, its perturbat
     # flips and rotations to turn, the first carrier meant to survive nnU-Net's augmentation
     "carrier_isotropic_p4_eps16": ("carrier", [], ["--carrier_period", "4", "--carrier_orientation", "isotropic",
                                                    "--eps", repr(16 / 255)]),
+    # ... and the carrier of frequency zero: the label 16/255 brighter (darker), an offset that moves with
+    # the label through every flip, rotation, zoom, blur and resolution change of that augmentation
+    "carrier_constant_eps16": ("carrier", [], ["--carrier_orientation", "constant", "--eps", repr(16 / 255)]),
+    "carrier_constant_darker_eps16": ("carrier", [], ["--carrier_orientation", "constant", "--carrier_polarity", "-1",
+                                                      "--eps", repr(16 / 255)]),
 }
 PROTOCOL = ["full", "no_spd", "no_isc", "random", "lsp", "em", "tap", "umed", "sep", "pue"]
 BASELINE_SURROGATE = '--surrogate_def#channels "[16,32,64,128,256]" --surrogate_def#num_res_units 1'

@@ -15,7 +15,7 @@ import torch
 from custom.perturbation import ROIBoundedPerturbation
 from custom.protector_base import Protector
 
-ORIENTATIONS = ("diagonal", "random", "isotropic")
+ORIENTATIONS = ("diagonal", "random", "isotropic", "constant")
 RING_HALF_WIDTH = 0.25  # the isotropic carrier's pass band: |f| within 1/period x (1 -+ this)
 CODINGS = ("presence", "phase")
 
@@ -47,18 +47,23 @@ class LabelCodedCarrier(Protector):
     ``axes``) to the ring of frequencies within 1/period x (1 -+ 0.25), a labyrinth texture of that
     period with every orientation equally present, so flips and rotations (an exploiter's
     augmentation) change the pattern but not its statistics; it is drawn per class from ``seed`` and
-    the volume's size.
+    the volume's size. ``orientation="constant"`` is the carrier of frequency zero, s = +1: the label
+    made eps brighter (``polarity=-1``: darker), with phase coding the rest of the support darker
+    (brighter); no flip, rotation, zoom, blur or low-resolution step removes an offset that moves
+    with the label.
 
     Args:
         perturbation: eps and the support (mask_roi, roi_dilation) shared by every method.
         period: voxels per cycle along d. Default 2.0 (with "diagonal": the checkerboard).
         axes: spatial axes (0, 1, 2 of H, W, D) the carrier varies along. Default (0, 1).
         orientation: ``"diagonal"`` (d = 1 on each of ``axes``; phase a quarter step off the zero
-            crossings), ``"random"`` (per class, from ``seed``) or ``"isotropic"`` (see above).
-            Default "diagonal".
+            crossings), ``"random"`` (per class, from ``seed``), ``"isotropic"`` or ``"constant"``
+            (see above; both ignore ``period``). Default "diagonal".
         coding: ``"presence"`` or ``"phase"``, see above. Default "phase".
         outside_amplitude: the carrier's amplitude outside the label under phase coding, as a
             fraction of eps, in [0, 1]. Default 1.0.
+        polarity: +1 or -1, multiplies every carrier (for a square wave a shift by half a period).
+            Default 1.
         seed: draws the directions and phases of ``orientation="random"`` and the textures of
             ``"isotropic"``.
         amp: unused (nothing is computed in reduced precision); kept for the common interface.
@@ -72,7 +77,7 @@ class LabelCodedCarrier(Protector):
 
     def __init__(self, perturbation: ROIBoundedPerturbation, period: float = 2.0, axes: Sequence[int] = (0, 1),
                  orientation: str = "diagonal", coding: str = "phase", outside_amplitude: float = 1.0,
-                 seed: int = 0, amp: bool = False) -> None:
+                 polarity: int = 1, seed: int = 0, amp: bool = False) -> None:
         super().__init__(perturbation, seed, amp)
         if not period >= 2:
             raise ValueError(f"period must be >= 2 voxels (the grid's Nyquist limit), got {period}.")
@@ -84,7 +89,10 @@ class LabelCodedCarrier(Protector):
             raise ValueError(f"coding must be one of {CODINGS}, got {coding!r}.")
         if not 0 <= outside_amplitude <= 1:
             raise ValueError(f"outside_amplitude must be in [0, 1], got {outside_amplitude}.")
+        if polarity not in (1, -1):
+            raise ValueError(f"polarity must be 1 or -1, got {polarity}.")
         self.period, self.orientation, self.coding = float(period), orientation, coding
+        self.polarity = int(polarity)
         self.outside_amplitude = float(outside_amplitude)
         self._axes = tuple(int(axis) for axis in axes)
 
@@ -105,7 +113,13 @@ class LabelCodedCarrier(Protector):
         return direction, phase
 
     def carrier(self, class_index: int, size: Sequence[int], device: torch.device | None = None) -> torch.Tensor:
-        """(H, W, D) = ``size`` square wave (or isotropic texture) of class ``class_index``, values +-1."""
+        """(H, W, D) = ``size`` carrier of class ``class_index`` (see the class's docstring) times the
+        polarity, values +-1."""
+        return self.polarity * self._unsigned_carrier(class_index, size, device)
+
+    def _unsigned_carrier(self, class_index: int, size: Sequence[int], device: torch.device | None) -> torch.Tensor:
+        if self.orientation == "constant":
+            return torch.ones(tuple(int(n) for n in size), device=device)
         if self.orientation == "isotropic":
             return self.isotropic_texture(class_index, size).to(device)
         direction, phase = self.direction_and_phase(class_index)

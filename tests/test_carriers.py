@@ -115,6 +115,21 @@ def test_isotropic_texture_over_three_axes_varies_along_every_axis():
         assert (np.diff(texture, axis=axis) != 0).mean() > 0.1
 
 
+def test_constant_carrier_offsets_the_label_and_polarity_flips_it():
+    image, label = boxes()
+    brighter = carrier(orientation="constant", coding="presence").perturb(image, label)[0, 0].numpy()
+    np.testing.assert_allclose(brighter, EPS * (label[0, 0].numpy() > 0), atol=1e-7)
+    darker = carrier(orientation="constant", polarity=-1, roi_dilation=1).perturb(image, label)[0, 0].numpy()
+    band = np.zeros(SHAPE, bool)
+    band[1:7, 1:9, :] = band[6:12, 2:8, :] = True  # both boxes (2:6, 2:8 and 7:11, 3:7) dilated by one voxel
+    expected = np.where(label[0, 0].numpy() > 0, -1.0, np.where(band, 1.0, 0.0))
+    np.testing.assert_allclose(darker, EPS * expected, atol=1e-7)
+    # a square wave's polarity is its half-period shift
+    wave = carrier(period=4, axes=(0,)).carrier(1, SHAPE).numpy()
+    np.testing.assert_array_equal(carrier(period=4, axes=(0,), polarity=-1).carrier(1, SHAPE).numpy(), -wave)
+    np.testing.assert_array_equal(-wave[:-2], wave[2:])
+
+
 def test_the_in_plane_carrier_survives_z_smoothing_where_the_3d_one_does_not():
     label = torch.ones((1, 1, 8, 8, 24))
     image = torch.full_like(label, 0.5)
@@ -139,6 +154,7 @@ def test_the_in_plane_carrier_survives_z_smoothing_where_the_3d_one_does_not():
     ({"orientation": "spiral"}, "orientation must be one of"),
     ({"coding": "amplitude"}, "coding must be one of"),
     ({"outside_amplitude": 1.5}, "outside_amplitude must be in"),
+    ({"polarity": 0.5}, "polarity must be 1 or -1"),
 ])
 def test_bad_options_are_refused_by_name(options, message):
     with pytest.raises(ValueError, match=message):
