@@ -7,7 +7,8 @@ for a 2-core CPU:
    LSP, SEP, PUE, UMed and the random-noise control): fit the method on the 80 training cases
    (`run training --method M`), protect them (`run protect --method M`), train each victim of
    --victims (same recipe, same seed) on the protected copy and score it on the clean test cases;
-3. the paper's tables and the Fig. 3-style figures from all the result files in --results_dir.
+3. the paper's tables from all the result files in --results_dir, and the Fig. 3-style figures from
+   VoxShield's copy (run ``full``) when --work_dir holds it.
 
 Five more runs exist for the protection target's investigation (issue 3), run only when named in
 --runs: ``roi_dilation2`` (VoxShield on the label dilated by 2 voxels), ``eps16`` (VoxShield with a
@@ -383,13 +384,12 @@ def victim_run(steps: Steps, options: argparse.Namespace, run: str, method: str,
     return output / "results.json"
 
 
-def report_run(steps: Steps, options: argparse.Namespace, runs: list[str]) -> None:
-    """The report over every result in --results_dir, with the figures of the first protected copy
-    (``full`` first) found in --work_dir among ``runs``."""
-    results, work = Path(options.results_dir), Path(options.work_dir)
-    figure_runs = [run for run in ["full", *runs] if (work / run / "protected").is_dir()]
-    figures = ["--clean_dir", str(options.data), "--protected_dir", str(work / figure_runs[0] / "protected")] \
-        if figure_runs else []
+def report_run(steps: Steps, options: argparse.Namespace) -> None:
+    """The report over every result in --results_dir, with the figures (comparison.png, perturbation.png)
+    of VoxShield's copy (run ``full``) when --work_dir holds it; without it the figures already in
+    --results_dir are kept, so they always show the paper's method, whichever runs an invocation names."""
+    results, full = Path(options.results_dir), Path(options.work_dir) / "full" / "protected"
+    figures = ["--clean_dir", str(options.data), "--protected_dir", str(full)] if full.is_dir() else []
     steps.run("report", bundle("report", "--results", repr([str(results)]), "--output_dir", str(results), *figures))
 
 
@@ -426,7 +426,7 @@ def main() -> None:
         protected = protect_run(steps, options, run, method, training_only, perturbation)
         for name, seed, step in victims:
             victim_run(steps, options, run, method, protected, name, seed, step)
-    report_run(steps, options, runs)
+    report_run(steps, options)
     print(json.dumps(steps.summary()["steps"], indent=1))
 
 

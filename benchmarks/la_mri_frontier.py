@@ -127,7 +127,7 @@ def main() -> None:
                 for seed in seeds(options):
                     victim_run(steps, options, run, method, protected, "unet", seed)
                 runs.append(run)
-    report_run(steps, options, runs)
+    report_run(steps, options)
     print(json.dumps(steps.summary()["steps"], indent=1))
 
 

@@ -134,3 +134,19 @@ def test_clean_pgd_at_references_one_per_bound(tmp_path):
     for entry, level in zip(steps.steps, (4, 16, 32)):
         assert f"--countermeasure pgd_at --pgd_at_eps {level / 255!r}" in entry["command"]
         assert entry["step"] == f"unet victim (seed 0, pgd_at at {level}/255) on clean"
+
+
+def test_report_figures_show_voxshield_or_are_left_alone(tmp_path):
+    """The report draws comparison.png and perturbation.png from VoxShield's copy (run full) only: with
+    another method's copy alone in the work folder it gets no figure arguments and keeps the figures
+    already there. Nothing is run."""
+    (tmp_path / "work" / "carrier_p4_eps16" / "protected").mkdir(parents=True)
+    options = argparse.Namespace(results_dir=str(tmp_path / "results"), work_dir=str(tmp_path / "work"),
+                                 data=str(tmp_path / "data"))
+    commands = []
+    steps = argparse.Namespace(run=lambda name, command: commands.append(command))
+    la_mri_benchmark.report_run(steps, options)
+    (tmp_path / "work" / "full" / "protected").mkdir(parents=True)
+    la_mri_benchmark.report_run(steps, options)
+    assert "--protected_dir" not in commands[0]
+    assert commands[1][commands[1].index("--protected_dir") + 1] == str(tmp_path / "work" / "full" / "protected")
