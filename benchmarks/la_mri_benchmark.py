@@ -101,6 +101,9 @@ RUNS = {  # run name -> method, its overrides of train.json alone, its perturbat
     # Nyquist checkerboard they undo
     **{f"carrier_p{period}_eps16": ("carrier", [], ["--carrier_period", str(period), "--eps", repr(16 / 255)])
        for period in (4, 8)},
+    # ... and the period-4 carrier at larger bounds: what budget does it need to survive nnU-Net's augmentation?
+    **{f"carrier_p4_eps{level}": ("carrier", [], ["--carrier_period", "4", "--eps", repr(level / 255)])
+       for level in (24, 32)},
     # ... and the isotropic texture of period 4 (custom.carriers, orientation "isotropic"): no direction for
     # flips and rotations to turn, the first carrier meant to survive nnU-Net's augmentation
     "carrier_isotropic_p4_eps16": ("carrier", [], ["--carrier_period", "4", "--carrier_orientation", "isotropic",
