@@ -104,6 +104,11 @@ RUNS = {  # run name -> method, its overrides of train.json alone, its perturbat
     # ... and the period-4 carrier at larger bounds: what budget does it need to survive nnU-Net's augmentation?
     **{f"carrier_p4_eps{level}": ("carrier", [], ["--carrier_period", "4", "--eps", repr(level / 255)])
        for level in (24, 32)},
+    # ... and dots: discs of 4 voxels across every 8 voxels in-plane (rods along z), the full bound on a fifth
+    # of the label, so 32/255 costs about the PSNR of 16/255 saturated; a disc stays a disc under flips and
+    # rotations, and blur or a coarser resolution dims it without changing its shape
+    "carrier_dots_p8_eps32": ("carrier", [], ["--carrier_period", "8", "--carrier_orientation", "dots",
+                                              "--eps", repr(32 / 255)]),
     # ... and the isotropic texture of period 4 (custom.carriers, orientation "isotropic"): no direction for
     # flips and rotations to turn, the first carrier meant to survive nnU-Net's augmentation
     "carrier_isotropic_p4_eps16": ("carrier", [], ["--carrier_period", "4", "--carrier_orientation", "isotropic",

@@ -15,7 +15,7 @@ import torch
 from custom.perturbation import ROIBoundedPerturbation
 from custom.protector_base import Protector
 
-ORIENTATIONS = ("diagonal", "random", "isotropic", "constant")
+ORIENTATIONS = ("diagonal", "random", "isotropic", "constant", "dots")
 RING_HALF_WIDTH = 0.25  # the isotropic carrier's pass band: |f| within 1/period x (1 -+ this)
 CODINGS = ("presence", "phase")
 
@@ -51,14 +51,19 @@ class LabelCodedCarrier(Protector):
     made eps brighter (``polarity=-1``: darker), with phase coding the rest of the support darker
     (brighter); no flip, rotation, zoom, blur or low-resolution step removes an offset that moves
     with the label.
+    ``orientation="dots"`` is not a wave: s = 1 on discs of diameter period / 2 centred on a square
+    lattice of spacing ``period`` over ``axes`` (rods along the other axes) and 0 between them, so a
+    fifth of the label carries the full bound (the rest nothing: at the same PSNR a bound more than
+    twice the saturated carrier's); a disc stays a disc under flips and rotations, and blur or a coarser
+    resolution dims it without changing what it looks like.
 
     Args:
         perturbation: eps and the support (mask_roi, roi_dilation) shared by every method.
         period: voxels per cycle along d. Default 2.0 (with "diagonal": the checkerboard).
         axes: spatial axes (0, 1, 2 of H, W, D) the carrier varies along. Default (0, 1).
         orientation: ``"diagonal"`` (d = 1 on each of ``axes``; phase a quarter step off the zero
-            crossings), ``"random"`` (per class, from ``seed``), ``"isotropic"`` or ``"constant"``
-            (see above; both ignore ``period``). Default "diagonal".
+            crossings), ``"random"`` (per class, from ``seed``), ``"isotropic"``, ``"constant"``
+            (ignores ``period``) or ``"dots"``, see above. Default "diagonal".
         coding: ``"presence"`` or ``"phase"``, see above. Default "phase".
         outside_amplitude: the carrier's amplitude outside the label under phase coding, as a
             fraction of eps, in [0, 1]. Default 1.0.
@@ -114,7 +119,7 @@ class LabelCodedCarrier(Protector):
 
     def carrier(self, class_index: int, size: Sequence[int], device: torch.device | None = None) -> torch.Tensor:
         """(H, W, D) = ``size`` carrier of class ``class_index`` (see the class's docstring) times the
-        polarity, values +-1."""
+        polarity, values +-1 (0 and +-1 for "dots")."""
         return self.polarity * self._unsigned_carrier(class_index, size, device)
 
     def _unsigned_carrier(self, class_index: int, size: Sequence[int], device: torch.device | None) -> torch.Tensor:
@@ -122,6 +127,8 @@ class LabelCodedCarrier(Protector):
             return torch.ones(tuple(int(n) for n in size), device=device)
         if self.orientation == "isotropic":
             return self.isotropic_texture(class_index, size).to(device)
+        if self.orientation == "dots":
+            return self.dots(size).to(device)
         direction, phase = self.direction_and_phase(class_index)
         coordinates = torch.meshgrid(*(torch.arange(n, dtype=torch.float64, device=device) for n in size), indexing="ij")
         position = sum(component * grid for component, grid in zip(direction, coordinates))
@@ -142,6 +149,14 @@ class LabelCodedCarrier(Protector):
         # the texture spans the axes in increasing order; the other axes are broadcast
         shape = [int(size[axis]) if axis in self._axes else 1 for axis in range(3)]
         return sign.reshape(shape).expand(*(int(n) for n in size)).contiguous()
+
+    def dots(self, size: Sequence[int]) -> torch.Tensor:
+        """(H, W, D) = ``size``: 1 within period / 4 of the lattice points (period - 1) / 2 + period x n over
+        ``axes`` (every voxel distance measured over those axes only), 0 elsewhere."""
+        coordinates = torch.meshgrid(*(torch.arange(int(n), dtype=torch.float64) for n in size), indexing="ij")
+        squared = sum((torch.remainder(coordinates[axis], self.period) - (self.period - 1) / 2) ** 2
+                      for axis in self._axes)
+        return (squared <= (self.period / 4) ** 2).float()
 
     def perturb(self, image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         foreground_classes = [int(c) for c in torch.unique(label).tolist() if c > 0]

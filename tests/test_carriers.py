@@ -130,6 +130,21 @@ def test_constant_carrier_offsets_the_label_and_polarity_flips_it():
     np.testing.assert_array_equal(-wave[:-2], wave[2:])
 
 
+def test_dots_are_discs_on_a_lattice_that_flips_and_transposition_keep():
+    dots = carrier(period=8, orientation="dots").carrier(1, (24, 16, 3)).numpy()
+    disc = np.array([[0, 1, 1, 0], [1, 1, 1, 1], [1, 1, 1, 1], [0, 1, 1, 0]], float)  # within 2 of (3.5, 3.5)
+    np.testing.assert_array_equal(dots[:8, :8, 0], np.pad(disc, 2))
+    assert np.array_equal(dots[8:], dots[:-8]) and np.array_equal(dots[:, 8:], dots[:, :-8])  # the lattice
+    assert (dots == dots[..., :1]).all()  # rods along the slice axis
+    cell = dots[:8, :8, 0]
+    assert np.array_equal(cell, cell[::-1]) and np.array_equal(cell, cell[:, ::-1]) and np.array_equal(cell, cell.T)
+    image, label = boxes()
+    delta = carrier(period=4, orientation="dots").perturb(image, label)[0, 0].numpy()
+    i, j, _ = np.indices(SHAPE)
+    expected = ((i % 4 - 1.5) ** 2 + (j % 4 - 1.5) ** 2 <= 1) & (label[0, 0].numpy() > 0)
+    np.testing.assert_allclose(delta, EPS * expected, atol=1e-7)
+
+
 def test_the_in_plane_carrier_survives_z_smoothing_where_the_3d_one_does_not():
     label = torch.ones((1, 1, 8, 8, 24))
     image = torch.full_like(label, 0.5)
