@@ -35,7 +35,7 @@ SETTINGS = ("eps", "roi_dilation", "squash", "mask_roi", "surrogate_steps", "gen
 NETWORKS = {"generator": "generator_def", "surrogate": "surrogate_def"}  # training record key -> config key
 # A method's own hyperparameters that make a different copy (its defaults: its entry under "protectors" in
 # train.json); a copy made with other values is a variant of the method, named with them
-METHOD_SETTINGS = {"carrier": ("period", "axes", "orientation", "coding", "outside_amplitude")}
+METHOD_SETTINGS = {"carrier": ("period", "axes", "orientation", "coding", "outside_amplitude", "polarity")}
 
 
 # ---- collecting ---------------------------------------------------------------------------------

@@ -512,6 +512,10 @@ def test_a_methods_own_hyperparameters_make_a_frontier_line_and_a_table_4_row_of
     results_file(root / "period4", "carrier", dice=0.60, psnr=36.5, ssim=0.98, fitted=False, mask_roi=False,
                  parameters={**defaults, "period": 4.0, "orientation": "random"})
     results_file(root / "band", "carrier", dice=0.20, psnr=38.0, ssim=0.98, fitted=False, parameters=defaults)
+    results_file(root / "darker", "carrier", dice=0.70, psnr=36.0, ssim=0.99, fitted=False, mask_roi=False,
+                 parameters={**defaults, "orientation": "constant", "polarity": -1})
+    results_file(root / "brighter", "carrier", dice=0.75, psnr=36.0, ssim=0.99, fitted=False, mask_roi=False,
+                 parameters={**defaults, "orientation": "constant", "polarity": 1})
     banded = json.loads((root / "band" / "results.json").read_text())
     banded["protection"]["parameters"]["roi_dilation"] = 3  # another support than the frontier's two
     (root / "band" / "results.json").write_text(json.dumps(banded))
@@ -520,10 +524,13 @@ def test_a_methods_own_hyperparameters_make_a_frontier_line_and_a_table_4_row_of
     markdown = (tmp_path / "out" / "tables.md").read_text()
     assert [row[:5] for row in table_lines(markdown, "Frontier")[2:]] == [
         ["carrier", "whole volume", "4/255", "36.00", "0.9700"],
+        ["carrier (orientation constant)", "whole volume", "4/255", "36.00", "0.9900"],
+        ["carrier (orientation constant, polarity -1)", "whole volume", "4/255", "36.00", "0.9900"],
         ["carrier (period 4, orientation random)", "whole volume", "4/255", "36.50", "0.9800"]]
     table4 = {row[0] for row in table_lines(markdown, "Table 4")[2:]}
     assert {"carrier: mask_roi False", "carrier: mask_roi False, period 4, orientation random",
-            "carrier: roi_dilation 3"} <= table4
+            "carrier: roi_dilation 3", "carrier: mask_roi False, orientation constant",
+            "carrier: mask_roi False, orientation constant, polarity -1"} <= table4
 
 
 def test_no_frontier_without_protected_results(tmp_path):
