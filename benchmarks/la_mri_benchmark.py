@@ -101,9 +101,10 @@ RUNS = {  # run name -> method, its overrides of train.json alone, its perturbat
     # Nyquist checkerboard they undo
     **{f"carrier_p{period}_eps16": ("carrier", [], ["--carrier_period", str(period), "--eps", repr(16 / 255)])
        for period in (4, 8)},
-    # ... and the period-4 carrier at larger bounds: what budget does it need to survive nnU-Net's augmentation?
+    # ... and the period-4 carrier at larger bounds (what budget does it need to survive nnU-Net's augmentation?)
+    # and at 14/255, the largest bound on the label that keeps the copy above 35 dB (issue 14's first target)
     **{f"carrier_p4_eps{level}": ("carrier", [], ["--carrier_period", "4", "--eps", repr(level / 255)])
-       for level in (24, 32)},
+       for level in (14, 24, 32)},
     # ... and dots: discs of 4 voxels across every 8 voxels in-plane (rods along z), the full bound on a fifth
     # of the label, so 32/255 costs about the PSNR of 16/255 saturated; a disc stays a disc under flips and
     # rotations, and blur or a coarser resolution dims it without changing its shape
