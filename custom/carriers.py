@@ -20,6 +20,11 @@ RING_HALF_WIDTH = 0.25  # the isotropic carrier's pass band: |f| within 1/period
 CODINGS = ("presence", "phase")
 
 
+def _voxel_indices(size: Sequence[int], device: torch.device | None) -> tuple[torch.Tensor, ...]:
+    """The (H, W, D) = ``size`` grids of each voxel's index along each axis, float64."""
+    return torch.meshgrid(*(torch.arange(int(n), dtype=torch.float64, device=device) for n in size), indexing="ij")
+
+
 class LabelCodedCarrier(Protector):
     """
     A square-wave carrier s(x) = sign(cos(2 pi (d . x) / period + phi)), values +-1, saturated at
@@ -104,11 +109,15 @@ class LabelCodedCarrier(Protector):
     def settings(self) -> dict:
         return {**super().settings(), "axes": list(self._axes)}
 
+    def _class_generator(self, class_index: int) -> torch.Generator:
+        """The random draws of class ``class_index``'s secret carrier, a function of (seed, class)."""
+        return torch.Generator().manual_seed(self.seed * 100_003 + int(class_index))
+
     def direction_and_phase(self, class_index: int) -> tuple[list[float], float]:
         """Class ``class_index``'s direction d (3 components, zero off ``axes``) and phase phi."""
         if self.orientation == "diagonal":
             return [1.0 if axis in self._axes else 0.0 for axis in range(3)], math.pi / (2 * self.period)
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + int(class_index))
+        generator = self._class_generator(class_index)
         components = torch.randn(len(self._axes), generator=generator)
         components = components / components.norm()
         phase = 2 * math.pi * torch.rand((), generator=generator).item()
@@ -128,9 +137,9 @@ class LabelCodedCarrier(Protector):
         if self.orientation == "isotropic":
             return self.isotropic_texture(class_index, size).to(device)
         if self.orientation == "dots":
-            return self.dots(size).to(device)
+            return self.dots(size, device)
         direction, phase = self.direction_and_phase(class_index)
-        coordinates = torch.meshgrid(*(torch.arange(n, dtype=torch.float64, device=device) for n in size), indexing="ij")
+        coordinates = _voxel_indices(size, device)
         position = sum(component * grid for component, grid in zip(direction, coordinates))
         wave = torch.cos(2 * math.pi * position / self.period + phase)
         return torch.where(wave >= 0, 1.0, -1.0).float()
@@ -139,7 +148,7 @@ class LabelCodedCarrier(Protector):
         """(H, W, D) = ``size``: sign of white noise (seeded by seed, class and size) kept on the ring
         of frequencies around 1/period over ``axes``, constant along the other axes."""
         plane = [int(size[axis]) for axis in sorted(self._axes)]
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + int(class_index))
+        generator = self._class_generator(class_index)
         noise = torch.randn(plane, generator=generator, dtype=torch.float64)
         frequencies = torch.meshgrid(*(torch.fft.fftfreq(n, dtype=torch.float64) for n in plane), indexing="ij")
         radius = torch.sqrt(sum(frequency ** 2 for frequency in frequencies))
@@ -150,10 +159,10 @@ class LabelCodedCarrier(Protector):
         shape = [int(size[axis]) if axis in self._axes else 1 for axis in range(3)]
         return sign.reshape(shape).expand(*(int(n) for n in size)).contiguous()
 
-    def dots(self, size: Sequence[int]) -> torch.Tensor:
+    def dots(self, size: Sequence[int], device: torch.device | None = None) -> torch.Tensor:
         """(H, W, D) = ``size``: 1 within period / 4 of the lattice points (period - 1) / 2 + period x n over
         ``axes`` (every voxel distance measured over those axes only), 0 elsewhere."""
-        coordinates = torch.meshgrid(*(torch.arange(int(n), dtype=torch.float64) for n in size), indexing="ij")
+        coordinates = _voxel_indices(size, device)
         squared = sum((torch.remainder(coordinates[axis], self.period) - (self.period - 1) / 2) ** 2
                       for axis in self._axes)
         return (squared <= (self.period / 4) ** 2).float()
