@@ -9,22 +9,37 @@ from monai.inferers import SlidingWindowInferer
 
 
 def fitted_window(volume_shape: Sequence[int], largest_window: Sequence[int], size_multiple: int) -> tuple[int, ...]:
-    """Along each axis, ``largest_window`` or the volume's size rounded up to a multiple of
-    ``size_multiple``, whichever is smaller."""
-    return tuple(
-        min(largest, math.ceil(size / size_multiple) * size_multiple)
-        for size, largest in zip(volume_shape, largest_window)
-    )
+    """
+    The window for a volume: as many voxels as ``largest_window`` at most, and no side longer than the
+    volume's rounded up to a multiple of ``size_multiple``.
+
+    Each side starts at ``largest_window``'s or the rounded volume's, whichever is smaller; the
+    voxels a short side leaves unused then go to the others, one ``size_multiple`` at a time in
+    turn, while the window stays within the voxel count: a 192x192x10 volume runs in one 192x192x16
+    window under a 96x96x64 largest window, not nine overlapping 96x96x16 ones.
+    """
+    rounded = [math.ceil(size / size_multiple) * size_multiple for size in volume_shape]
+    window = [min(size, largest) for size, largest in zip(rounded, largest_window)]
+    budget = math.prod(largest_window)
+    growing = True
+    while growing:
+        growing = False
+        for axis in range(len(window)):
+            larger = window[axis] + size_multiple
+            if larger <= rounded[axis] and math.prod(window) // window[axis] * larger <= budget:
+                window[axis], growing = larger, True
+    return tuple(window)
 
 
 class FittedSlidingWindowInferer(SlidingWindowInferer):
     """
-    A SlidingWindowInferer whose window is chosen per volume by ``fitted_window``: no larger than
-    ``roi_size`` and no larger than the volume rounded up to a size the network accepts, so a
-    10-slice volume runs in a 16-slice window (UNet strides [2, 2, 2]) instead of being padded to 64.
+    A SlidingWindowInferer whose window is chosen per volume by ``fitted_window``: no more voxels
+    than ``roi_size`` and no larger than the volume rounded up to a size the network accepts, so a
+    10-slice volume runs in a 16-slice window (UNet strides [2, 2, 2]) instead of being padded to 64,
+    and its other sides grow to use the voxels the short one leaves (fewer, larger windows).
 
     Args:
-        roi_size: the largest window, (H, W, D), each a multiple of ``size_multiple``.
+        roi_size: the largest window by voxel count, (H, W, D), each a multiple of ``size_multiple``.
         size_multiple: what every window side must be a multiple of, e.g. the product of a UNet's
             strides.
         kwargs: the other SlidingWindowInferer arguments.

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -317,47 +318,66 @@ class DatasetProtector:
         support = self.protector.support(label_tensor)[0].cpu().numpy().astype(bool)
         return delta[0].double().cpu().numpy() * support, support[0]
 
-    def _protect_case(self, case: Case) -> dict:
-        """Write one case's protected images and copied label, all made from one read of its files;
-        returns its manifest record. Bad data raises VoxShieldInputError (load_case) before any write."""
+    def _perturb_case(self, case: Case) -> Callable[[], dict]:
+        """
+        Read one case and compute its perturbation; what is left to do is returned as a function
+        that writes the case's protected images and copied label, all made from that one read, and
+        returns its manifest record (the write runs beside the next case's perturbation, see
+        _protect_shard). Bad data raises VoxShieldInputError (load_case) here, before any write.
+        """
         output = self.output_dir
         loaded = load_case(self.dataset, case, allow_empty_label=self.copy_empty_labels)
         if not (loaded.label > 0).any():
-            files = _write_copies(output, ((name, loaded.files[name].raw) for name in case.images + [case.label]))
-            return {
-                "case_id": case.case_id, "images": case.images, "label": case.label,
-                "protected": False, "reason": "empty label", "files": files,
-            }
+            def copy_unchanged() -> dict:
+                files = _write_copies(output, ((name, loaded.files[name].raw) for name in case.images + [case.label]))
+                return {
+                    "case_id": case.case_id, "images": case.images, "label": case.label,
+                    "protected": False, "reason": "empty label", "files": files,
+                }
+            return copy_unchanged
 
         clean = normalise(loaded.image, loaded.offsets, loaded.scales)
         delta, roi = self._perturbation_for(clean, loaded.label)
-        bounds = self.protector.perturbation.eps * loaded.scales
-        files, protected_source = _write_protected_images(
-            loaded, output, case.images, delta * loaded.scales.reshape(-1, 1, 1, 1), bounds
-        )
-        files.update(_write_copies(output, [(case.label, loaded.files[case.label].raw)]))
 
-        change_source = np.abs(protected_source - loaded.image)
-        protected = normalise(protected_source, loaded.offsets, loaded.scales)
-        return {
-            "case_id": case.case_id,
-            "images": case.images,
-            "label": case.label,
-            "protected": True,
-            "max_abs_delta_normalised": float((change_source / loaded.scales.reshape(-1, 1, 1, 1)).max()),
-            "max_abs_delta_source_units": change_source.reshape(len(loaded.scales), -1).max(axis=1).tolist(),
-            "bound_source_units": bounds.tolist(),
-            "normalisation_offset": loaded.offsets.tolist(),
-            "normalisation_scale": loaded.scales.tolist(),
-            "fraction_voxels_changed": float((change_source > 0).mean()),
-            "roi_fraction": float(roi.mean()),
-            **imperceptibility(clean, protected, roi),
-            "files": files,
-        }
+        def write_protected() -> dict:
+            bounds = self.protector.perturbation.eps * loaded.scales
+            files, protected_source = _write_protected_images(
+                loaded, output, case.images, delta * loaded.scales.reshape(-1, 1, 1, 1), bounds
+            )
+            files.update(_write_copies(output, [(case.label, loaded.files[case.label].raw)]))
+            change_source = np.abs(protected_source - loaded.image)
+            protected = normalise(protected_source, loaded.offsets, loaded.scales)
+            return {
+                "case_id": case.case_id,
+                "images": case.images,
+                "label": case.label,
+                "protected": True,
+                "max_abs_delta_normalised": float((change_source / loaded.scales.reshape(-1, 1, 1, 1)).max()),
+                "max_abs_delta_source_units": change_source.reshape(len(loaded.scales), -1).max(axis=1).tolist(),
+                "bound_source_units": bounds.tolist(),
+                "normalisation_offset": loaded.offsets.tolist(),
+                "normalisation_scale": loaded.scales.tolist(),
+                "fraction_voxels_changed": float((change_source > 0).mean()),
+                "roi_fraction": float(roi.mean()),
+                **imperceptibility(clean, protected, roi),
+                "files": files,
+            }
+        return write_protected
+
+    def _write_case(self, write: Callable[[], dict], case_id: str) -> dict:
+        """Run a case's write (see _perturb_case), then mark the case done for a resumed run."""
+        record = write()
+        write_atomic(self.output_dir / PROGRESS_DIR / f"{case_id}.json", json.dumps(record).encode())
+        return record
 
     def _protect_shard(self, shard: list[Case], rank: int) -> tuple[list[dict], VoxShieldInputError | None]:
         """
         Protect the cases of ``shard`` that no earlier run finished, stopping at the first with bad data.
+
+        One case is written (gzip, SSIM: numpy and zlib, which release the GIL) on a second thread
+        while the next is read and perturbed (torch), so that on a CPU protect costs little more than
+        its reads and writes. At most one case waits to be written, so memory stays flat in the
+        number of cases; a case that fails or is interrupted leaves the ones before it complete.
 
         Args:
             shard: this rank's cases.
@@ -367,15 +387,19 @@ class DatasetProtector:
             (the records of the cases written here, the bad case's error or None).
         """
         written = []
-        for case in tqdm(shard, desc=f"protect (rank {rank})", disable=rank > 0):
-            if _case_done(self.output_dir, case.case_id):
-                continue
-            try:
-                record = self._protect_case(case)
-            except VoxShieldInputError as error:  # from load_case, before the case wrote anything
-                return written, error
-            write_atomic(self.output_dir / PROGRESS_DIR / f"{case.case_id}.json", json.dumps(record).encode())
-            written.append(record)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="voxshield-write") as writer:
+            pending = None
+            for case in tqdm(shard, desc=f"protect (rank {rank})", disable=rank > 0):
+                if _case_done(self.output_dir, case.case_id):
+                    continue
+                try:
+                    write = self._perturb_case(case)
+                except VoxShieldInputError as error:  # from load_case, before the case wrote anything
+                    written += [pending.result()] if pending is not None else []
+                    return written, error
+                written += [pending.result()] if pending is not None else []
+                pending = writer.submit(self._write_case, write, case.case_id)
+            written += [pending.result()] if pending is not None else []
         return written, None
 
     def _copy_other_files(self) -> dict:

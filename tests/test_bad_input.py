@@ -172,14 +172,14 @@ def test_cli_reports_one_line_and_fails(flare_data, tmp_path, random_checkpoints
 
 def recorded_cases(monkeypatch):
     """The ids of the cases DatasetProtector protects from now on, in order (kept in the returned list)."""
-    protected, original = [], DatasetProtector._protect_case
+    protected, original = [], DatasetProtector._perturb_case
 
     def recording(self, case):
-        record = original(self, case)
+        write = original(self, case)
         protected.append(case.case_id)
-        return record
+        return write
 
-    monkeypatch.setattr(DatasetProtector, "_protect_case", recording)
+    monkeypatch.setattr(DatasetProtector, "_perturb_case", recording)
     return protected
 
 
@@ -191,7 +191,7 @@ def files_under(folder):
 
 def interrupt_after_first_case(monkeypatch, run):
     """Run the DatasetProtector ``run`` as if the user pressed Ctrl-C once it has protected train_000."""
-    original = DatasetProtector._protect_case
+    original = DatasetProtector._perturb_case
 
     def interrupting(self, case):
         if case.case_id != "train_000":
@@ -199,7 +199,7 @@ def interrupt_after_first_case(monkeypatch, run):
         return original(self, case)
 
     with monkeypatch.context() as patch:
-        patch.setattr(DatasetProtector, "_protect_case", interrupting)
+        patch.setattr(DatasetProtector, "_perturb_case", interrupting)
         with pytest.raises(KeyboardInterrupt):
             run.run()
 

@@ -37,10 +37,10 @@ from custom.protect import DatasetProtector
 class RankLoggingProtector(DatasetProtector):
     """DatasetProtector that says which rank protects which case."""
 
-    def _protect_case(self, case):
+    def _perturb_case(self, case):
         # one write per line: the two ranks share the pipe, and print's separate newline write can interleave
         print(f"PROBE-PROTECT {dist.get_rank()} {case.case_id}\\n", end="", flush=True)
-        return super()._protect_case(case)
+        return super()._perturb_case(case)
 '''
 PROTECT_PROBE = {"dataset_protector#_target_": "voxshield_rank_probe.RankLoggingProtector"}
 

@@ -7,6 +7,7 @@ from monai.inferers import SlidingWindowInferer
 
 from conftest import EPS
 from custom.bundle_utils import config_files
+from custom.inferers import fitted_window
 
 THIN_VOLUME = (40, 37, 10)  # 10 slices, as a thick-slice MRI stack
 
@@ -48,11 +49,24 @@ def test_thin_volume_runs_in_a_window_fitted_to_it(flare_data):
     assert delta.shape == (1, 1, *THIN_VOLUME)
 
 
-def test_window_stays_within_window_size(flare_data):
-    """Sides of the volume larger than window_size keep window_size's side: 32, 32, then 10 -> 16."""
-    protector = configured_voxshield(flare_data, window_size=[32, 32, 64])
+def test_window_stays_within_window_size_voxels(flare_data):
+    """A window_size of as many voxels as the rounded volume's sides allow keeps its sides: 32, 32, then
+    10 -> 16 (32 x 32 x 16 voxels, no room to grow)."""
+    protector = configured_voxshield(flare_data, window_size=[32, 32, 16])
     _, windows = perturb_recording_windows(protector, *thin_case())
     assert windows == {(1, 1, 32, 32, 16)}
+
+
+def test_short_side_leaves_voxels_to_the_others(flare_data):
+    """window_size [24, 24, 64] holds 36864 voxels; the 10 slices need 16 of its 64, so the in-plane
+    sides grow by 8 in turn (32 x 24, 32 x 32, 40 x 32, 40 x 40, times 16 slices, all within 36864)
+    until each reaches the volume's rounded side: one 40 x 40 x 16 window instead of four 24 x 24 x 16."""
+    protector = configured_voxshield(flare_data, window_size=[24, 24, 64])
+    _, windows = perturb_recording_windows(protector, *thin_case())
+    assert windows == {(1, 1, 40, 40, 16)}
+    assert fitted_window((192, 192, 10), (96, 96, 64), 8) == (192, 192, 16)  # 589824 voxels, as 96 x 96 x 64
+    assert fitted_window((512, 512, 10), (96, 96, 64), 8) == (192, 192, 16)  # 200 x 192 x 16 would be over
+    assert fitted_window((91, 70, 44), (96, 96, 64), 8) == (96, 72, 48)
 
 
 def test_fitted_window_perturbs_like_the_padded_window(flare_data):

@@ -6,6 +6,7 @@ import filecmp
 import json
 from pathlib import Path
 import math
+import threading
 
 import nibabel as nib
 import numpy as np
@@ -129,6 +130,46 @@ def test_protect_decodes_each_case_file_once(flare_data, tmp_path, random_checkp
     assert_protected_copy(flare_data, tmp_path / "out", EPS, ct=True)
 
 
+def test_writes_overlap_the_next_case_and_never_queue_up(flare_data, tmp_path, random_checkpoints, monkeypatch):
+    """Each case is written on the writer thread while the next one is perturbed, and no case is perturbed
+    before the write of the case two before it has finished (at most one waits: memory flat in N); a
+    failed write stops the run with its own error."""
+    events = []
+    perturb, write = DatasetProtector._perturb_case, DatasetProtector._write_case
+
+    def perturbing(self, case):
+        events.append(("perturb", case.case_id, threading.current_thread().name))
+        return perturb(self, case)
+
+    def writing(self, write_case, case_id):
+        record = write(self, write_case, case_id)
+        events.append(("written", case_id, threading.current_thread().name))
+        return record
+
+    monkeypatch.setattr(DatasetProtector, "_perturb_case", perturbing)
+    monkeypatch.setattr(DatasetProtector, "_write_case", writing)
+    protector(flare_data, tmp_path / "out", random_checkpoints[1], 1).run()
+    cases = [f"train_00{index}" for index in range(3)]
+    assert [event[1] for event in events if event[0] == "perturb"] == cases
+    assert [event[1] for event in events if event[0] == "written"] == cases
+    assert {event[2] for event in events if event[0] == "perturb"} == {threading.current_thread().name}
+    assert all(event[2].startswith("voxshield-write") for event in events if event[0] == "written")
+    order = {event[:2]: index for index, event in enumerate(events)}
+    for later in range(2, len(cases)):
+        assert order[("written", cases[later - 2])] < order[("perturb", cases[later])]
+    assert_protected_copy(flare_data, tmp_path / "out", EPS, ct=True)
+
+    def failing(self, write_case, case_id):
+        if case_id == "train_001":
+            raise OSError(f"No space left on device: {case_id}")
+        return write(self, write_case, case_id)
+
+    monkeypatch.setattr(DatasetProtector, "_write_case", failing)
+    with pytest.raises(OSError, match="No space left on device: train_001"):
+        protector(flare_data, tmp_path / "failed", random_checkpoints[1], 1).run()
+    assert not (tmp_path / "failed" / "voxshield_manifest.json").exists()
+
+
 def test_protect_brats_float32_mri(brats_data, tmp_path, random_checkpoints):
     output = tmp_path / "out"
     protector(brats_data, output, random_checkpoints[4], 4).run()
@@ -213,7 +254,7 @@ def test_refuses_existing_output_and_output_inside_input(flare_data, tmp_path, r
 def test_interrupted_run_resumes(flare_data, tmp_path, random_checkpoints, monkeypatch):
     output = tmp_path / "out"
     run = protector(flare_data, output, random_checkpoints[1], 1)
-    original = DatasetProtector._protect_case
+    original = DatasetProtector._perturb_case
     calls = []
 
     def crash_on_second_case(self, case):
@@ -222,10 +263,10 @@ def test_interrupted_run_resumes(flare_data, tmp_path, random_checkpoints, monke
             raise KeyboardInterrupt  # as if the user pressed Ctrl-C mid-run
         return original(self, case)
 
-    monkeypatch.setattr(DatasetProtector, "_protect_case", crash_on_second_case)
+    monkeypatch.setattr(DatasetProtector, "_perturb_case", crash_on_second_case)
     with pytest.raises(KeyboardInterrupt):
         run.run()
-    monkeypatch.setattr(DatasetProtector, "_protect_case", original)
+    monkeypatch.setattr(DatasetProtector, "_perturb_case", original)
     assert not (output / "voxshield_manifest.json").exists()
     assert not list(output.rglob("*.tmp"))
     done = output / "TrainingImg/train_000_0000.nii.gz"
