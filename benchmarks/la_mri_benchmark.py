@@ -84,9 +84,10 @@ RUNS = {  # run name -> method, its overrides of train.json alone, its perturbat
     # survives the augmenting victim that ignores the paper's noise; not the paper's method
     "voxshield_eot": ("voxshield", ["--fit_augmentation", "true"], []),
     # a bound sweep of the training-free noises: at which eps does a label-coded pattern (LSP, the carrier)
-    # or a label-shaped texture (random) start to keep the victim from learning?
+    # or a label-shaped texture (random) start to keep the victim from learning? And of EM's learned noise,
+    # the literature's strongest sample-wise poison, at the bounds where the hand-made patterns start to work
     **{f"{method}_eps{level}": (method, [], ["--eps", repr(level / 255)])
-       for method in ("lsp", "random", "carrier") for level in (16, 32, 64)},
+       for method in ("lsp", "random", "carrier", "em") for level in (16, 32, 64)},
     # issue 14's label-coded carriers beyond the frontier's default (la_mri_frontier.py --methods carrier:
     # the in-plane checkerboard, phase-coded): the label plus a 3-voxel band of opposite phase at 8/255,
     # a period-4 square wave of secret in-plane orientation over the whole volume at 4/255, and (as UnSeg
@@ -119,6 +120,21 @@ RUNS = {  # run name -> method, its overrides of train.json alone, its perturbat
     "carrier_constant_eps16": ("carrier", [], ["--carrier_orientation", "constant", "--eps", repr(16 / 255)]),
     "carrier_constant_darker_eps16": ("carrier", [], ["--carrier_orientation", "constant", "--carrier_polarity", "-1",
                                                       "--eps", repr(16 / 255)]),
+    # issue 14's per-label convolution (CUDA-style, custom.protectors.LabelConvolution): the label's texture
+    # filtered by a secret 3x3x3 kernel, unclipped (eps 1); blur 0.3 (the default, ~38 dB on la_mri) and
+    # 3 (close to a random 3^3 average, ~37 dB)
+    # ... and period-8 stripes whose direction, phase and period (8 x 0.7-1.4) each case draws for itself:
+    # nnU-Net's intensity steps leave a fixed period-8 carrier working (30% of clean) but its rotation and
+    # scaling undo it (66%); a victim that learns stripes of every direction and period may keep them
+    "carrier_per_case_p8_eps16": ("carrier", [], ["--carrier_period", "8", "--carrier_orientation", "per_case",
+                                                  "--eps", repr(16 / 255)]),
+    # issue 14's learned noise aimed at fresh victims: VoxShield's generator at 16/255 with the bound
+    # saturated (no tanh), fitted through nnU-Net's augmentation against a surrogate re-initialised every
+    # 40 steps (an epoch), L_ISC off (its inter-slice flicker is what z-smoothing removes), L_SPD kept
+    "voxshield_fresh_eps16": ("voxshield", ["--fit_augmentation", "true", "--surrogate_restart_every", "40",
+                                            "--lambda_isc", "0"], ["--eps", repr(16 / 255), "--squash", "none"]),
+    "convolution": ("convolution", [], ["--eps", "1.0"]),
+    "convolution_blur3": ("convolution", [], ["--eps", "1.0", "--convolution_blur", "3.0"]),
 }
 PROTOCOL = ["full", "no_spd", "no_isc", "random", "lsp", "em", "tap", "umed", "sep", "pue"]
 BASELINE_SURROGATE = '--surrogate_def#channels "[16,32,64,128,256]" --surrogate_def#num_res_units 1'

@@ -15,7 +15,8 @@ import torch
 from custom.perturbation import ROIBoundedPerturbation
 from custom.protector_base import Protector
 
-ORIENTATIONS = ("diagonal", "random", "isotropic", "constant", "dots")
+ORIENTATIONS = ("diagonal", "random", "per_case", "isotropic", "constant", "dots")
+PER_CASE_PERIOD_FACTORS = (0.7, 1.4)  # nnU-Net's zoom range: each case's period is the period times a factor in it
 RING_HALF_WIDTH = 0.25  # the isotropic carrier's pass band: |f| within 1/period x (1 -+ this)
 CODINGS = ("presence", "phase")
 
@@ -48,6 +49,10 @@ class LabelCodedCarrier(Protector):
     phase from ``seed``, so classes get different carriers and the pattern is secret. Periods of 3-8
     voxels survive resampling and smoothing better than the Nyquist checkerboard. Coordinates are
     voxel indices of the whole volume, so the carrier is the same whatever the order of the cases.
+    ``orientation="per_case"`` draws the direction and phase like "random", and a period of ``period``
+    times a factor uniform in PER_CASE_PERIOD_FACTORS, from seed, class and the case's voxels: each
+    case shows the carrier as an exploiter's rotations and zooms would, so a victim that learns it
+    learns it that way (nnU-Net's rotation and scaling alone undo a fixed period-8 carrier).
     ``orientation="isotropic"`` has no direction: the sign of seeded white noise band-passed (over
     ``axes``) to the ring of frequencies within 1/period x (1 -+ 0.25), a labyrinth texture of that
     period with every orientation equally present, so flips and rotations (an exploiter's
@@ -67,7 +72,7 @@ class LabelCodedCarrier(Protector):
         period: voxels per cycle along d. Default 2.0 (with "diagonal": the checkerboard).
         axes: spatial axes (0, 1, 2 of H, W, D) the carrier varies along. Default (0, 1).
         orientation: ``"diagonal"`` (d = 1 on each of ``axes``; phase a quarter step off the zero
-            crossings), ``"random"`` (per class, from ``seed``), ``"isotropic"``, ``"constant"``
+            crossings), ``"random"`` (per class, from ``seed``), ``"per_case"``, ``"isotropic"``, ``"constant"``
             (ignores ``period``) or ``"dots"``, see above. Default "diagonal".
         coding: ``"presence"`` or ``"phase"``, see above. Default "phase".
         outside_amplitude: the carrier's amplitude outside the label under phase coding, as a
@@ -109,39 +114,46 @@ class LabelCodedCarrier(Protector):
     def settings(self) -> dict:
         return {**super().settings(), "axes": list(self._axes)}
 
-    def _class_generator(self, class_index: int) -> torch.Generator:
-        """The random draws of class ``class_index``'s secret carrier, a function of (seed, class)."""
-        return torch.Generator().manual_seed(self.seed * 100_003 + int(class_index))
+    def _class_generator(self, class_index: int, case_seed: int | None = None) -> torch.Generator:
+        """The random draws of class ``class_index``'s secret carrier, a function of (seed, class), or
+        of (the case's seed, class) for "per_case" (``case_seed``: see Protector.random_generator)."""
+        return torch.Generator().manual_seed((self.seed if case_seed is None else case_seed) * 100_003 + int(class_index))
 
-    def direction_and_phase(self, class_index: int) -> tuple[list[float], float]:
-        """Class ``class_index``'s direction d (3 components, zero off ``axes``) and phase phi."""
+    def wave(self, class_index: int, case_seed: int | None = None) -> tuple[list[float], float, float]:
+        """Class ``class_index``'s direction d (3 components, zero off ``axes``), phase phi and period."""
         if self.orientation == "diagonal":
-            return [1.0 if axis in self._axes else 0.0 for axis in range(3)], math.pi / (2 * self.period)
-        generator = self._class_generator(class_index)
+            return [1.0 if axis in self._axes else 0.0 for axis in range(3)], math.pi / (2 * self.period), self.period
+        generator = self._class_generator(class_index, case_seed)
         components = torch.randn(len(self._axes), generator=generator)
         components = components / components.norm()
         phase = 2 * math.pi * torch.rand((), generator=generator).item()
+        period = self.period
+        if self.orientation == "per_case":
+            low, high = PER_CASE_PERIOD_FACTORS
+            period *= low + (high - low) * torch.rand((), generator=generator).item()
         direction = [0.0, 0.0, 0.0]
         for axis, component in zip(self._axes, components.tolist()):
             direction[axis] = component
-        return direction, phase
+        return direction, phase, period
 
-    def carrier(self, class_index: int, size: Sequence[int], device: torch.device | None = None) -> torch.Tensor:
+    def carrier(self, class_index: int, size: Sequence[int], device: torch.device | None = None,
+                case_seed: int | None = None) -> torch.Tensor:
         """(H, W, D) = ``size`` carrier of class ``class_index`` (see the class's docstring) times the
-        polarity, values +-1 (0 and +-1 for "dots")."""
-        return self.polarity * self._unsigned_carrier(class_index, size, device)
+        polarity, values +-1 (0 and +-1 for "dots"); ``case_seed`` is the case's, for "per_case"."""
+        return self.polarity * self._unsigned_carrier(class_index, size, device, case_seed)
 
-    def _unsigned_carrier(self, class_index: int, size: Sequence[int], device: torch.device | None) -> torch.Tensor:
+    def _unsigned_carrier(self, class_index: int, size: Sequence[int], device: torch.device | None,
+                          case_seed: int | None) -> torch.Tensor:
         if self.orientation == "constant":
             return torch.ones(tuple(int(n) for n in size), device=device)
         if self.orientation == "isotropic":
             return self.isotropic_texture(class_index, size).to(device)
         if self.orientation == "dots":
             return self.dots(size, device)
-        direction, phase = self.direction_and_phase(class_index)
+        direction, phase, period = self.wave(class_index, case_seed)
         coordinates = _voxel_indices(size, device)
         position = sum(component * grid for component, grid in zip(direction, coordinates))
-        wave = torch.cos(2 * math.pi * position / self.period + phase)
+        wave = torch.cos(2 * math.pi * position / period + phase)
         return torch.where(wave >= 0, 1.0, -1.0).float()
 
     def isotropic_texture(self, class_index: int, size: Sequence[int]) -> torch.Tensor:
@@ -168,9 +180,17 @@ class LabelCodedCarrier(Protector):
         return (squared <= (self.period / 4) ** 2).float()
 
     def perturb(self, image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        if self.orientation == "per_case":  # each case its own draw
+            return torch.cat([self._perturb_cases(image[b : b + 1], label[b : b + 1],
+                                                  self.random_generator(image[b : b + 1]).initial_seed())
+                              for b in range(image.shape[0])])
+        return self._perturb_cases(image, label, None)
+
+    def _perturb_cases(self, image: torch.Tensor, label: torch.Tensor, case_seed: int | None) -> torch.Tensor:
+        """perturb for cases that share their carriers (one case for "per_case")."""
         foreground_classes = [int(c) for c in torch.unique(label).tolist() if c > 0]
         # each carrier built once: under phase coding class 1's also fills the rest of the support
-        carriers = {c: self.carrier(c, image.shape[2:], image.device)
+        carriers = {c: self.carrier(c, image.shape[2:], image.device, case_seed)
                     for c in foreground_classes + ([1] if self.coding == "phase" else [])}
         pattern = torch.zeros_like(label, dtype=torch.float32)
         if self.coding == "phase":

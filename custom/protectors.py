@@ -82,6 +82,55 @@ class LinearSeparableNoise(Protector):
         return self.perturbation.project(image, self.perturbation.eps * noise, self.support(label))[1]
 
 
+class LabelConvolution(Protector):
+    """
+    Per-label convolution, after CUDA (Sadasivan et al., CVPR 2023: each class's images blurred by a
+    secret kernel of its own), in 3D and by the label map: the voxels of foreground class c are
+    replaced by the image convolved with class c's secret kernel K_c, so their texture, not their
+    intensity, carries the label. K_c = (identity + ``blur`` x U_c) / its sum, U_c a ``kernel_size``^3
+    array uniform in [0, 1) drawn from (seed, class): a weighted average (flat regions unchanged),
+    anisotropic at random. The change is not an L-infinity noise: what it costs is the PSNR and SSIM
+    protect records; ``perturbation.eps`` still clips it (``--eps 1`` leaves it whole). Training-free.
+
+    Args:
+        perturbation, seed: see Protector (kernels depend on seed and class only, not on the volume).
+        kernel_size: K_c's edge, voxels, odd. Default 3.
+        blur: weight of the random part against the identity. Default 0.3.
+
+    Shapes:
+        image: (B, C, H, W, D) in [0, 1]; label: (B, 1, H, W, D) class map.
+        perturb(...): (B, C, H, W, D), each channel filtered by the same K_c (edges replicated).
+    """
+
+    name = "convolution"
+
+    def __init__(self, perturbation: ROIBoundedPerturbation, kernel_size: int = 3, blur: float = 0.3,
+                 seed: int = 0, amp: bool = False) -> None:
+        super().__init__(perturbation, seed, amp)
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be a positive odd number of voxels, got {kernel_size}.")
+        if not blur > 0:
+            raise ValueError(f"blur must be > 0, got {blur}.")
+        self.kernel_size, self.blur = int(kernel_size), float(blur)
+
+    def class_kernel(self, class_index: int) -> torch.Tensor:
+        """(k, k, k) kernel of class ``class_index``, non-negative, summing to 1."""
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + class_index)
+        kernel = self.blur * torch.rand((self.kernel_size,) * 3, generator=generator, dtype=torch.float64)
+        kernel[(self.kernel_size // 2,) * 3] += 1.0
+        return kernel / kernel.sum()
+
+    def perturb(self, image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        channels, half = image.shape[1], self.kernel_size // 2
+        padded = F.pad(image.double(), (half,) * 6, mode="replicate")
+        change = torch.zeros_like(image)
+        for class_index in [int(c) for c in torch.unique(label).tolist() if c > 0]:
+            kernel = self.class_kernel(class_index).to(image.device).expand(channels, 1, *(self.kernel_size,) * 3)
+            filtered = F.conv3d(padded, kernel, groups=channels).to(image.dtype)
+            change = torch.where(label == class_index, filtered - image, change)
+        return self.perturbation.project(image, change, self.support(label))[1]
+
+
 class SurrogateNoise(Protector):
     """
     Base of the surrogate-based baselines (EM, SEP, PUE, TAP, UMed): sample-wise noise crafted by
@@ -371,7 +420,7 @@ class UMed(SurrogateNoise):
 
 METHODS = {method.name: method for method in (VoxShield, ErrorMinimizing, AdversarialPoisoning, LinearSeparableNoise,
                                               StableErrorMinimizing, ProvablyUnlearnable, UMed, RandomNoise,
-                                              LabelCodedCarrier)}
+                                              LabelCodedCarrier, LabelConvolution)}
 
 
 def select(protectors: dict, method: str) -> Protector:

@@ -31,11 +31,12 @@ CLEAN_REFERENCE = "clean (reference)"
 # What shapes the noise: a result fitted with other values than configs/train.json's stays out of
 # Tables 1-3 (they compare methods as published) and is listed in Table 4
 SETTINGS = ("eps", "roi_dilation", "squash", "mask_roi", "surrogate_steps", "generator_steps",
-            "surrogate_batches_per_epoch", "fit_augmentation")
+            "surrogate_batches_per_epoch", "surrogate_restart_every", "fit_augmentation")
 NETWORKS = {"generator": "generator_def", "surrogate": "surrogate_def"}  # training record key -> config key
 # A method's own hyperparameters that make a different copy (its defaults: its entry under "protectors" in
 # train.json); a copy made with other values is a variant of the method, named with them
-METHOD_SETTINGS = {"carrier": ("period", "axes", "orientation", "coding", "outside_amplitude", "polarity")}
+METHOD_SETTINGS = {"carrier": ("period", "axes", "orientation", "coding", "outside_amplitude", "polarity"),
+                   "convolution": ("kernel_size", "blur")}
 
 
 # ---- collecting ---------------------------------------------------------------------------------

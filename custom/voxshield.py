@@ -49,6 +49,11 @@ class VoxShield(Protector):
             custom.augmentation.ExploiterAugmentation: ``augmentation(image, label)`` draws and applies
             a transformation, ``draw(shape)`` and ``apply(draw, image, label=None)`` do it in two steps,
             both returning (image, label). None, the default, fits on the data as it is (the paper).
+        surrogate_restart_every: re-initialise F every this many fit steps (fresh weights drawn from
+            ``seed`` and the restart's number, its optimiser's state cleared), so G is fitted against
+            surrogates of every age, fresh ones among them: noise that a victim learns from its first
+            steps, not only noise a converged F finds easy (issue 14; not the paper's method). None,
+            the default (the paper), never.
     """
 
     name = "voxshield"
@@ -71,6 +76,7 @@ class VoxShield(Protector):
         generator_steps: int = 1,
         surrogate_batches_per_epoch: int | None = None,
         augmentation: nn.Module | None = None,
+        surrogate_restart_every: int | None = None,
         seed: int = 0,
         amp: bool = False,
     ) -> None:
@@ -79,6 +85,8 @@ class VoxShield(Protector):
             raise ValueError("surrogate_steps must be >= 0 and generator_steps >= 1.")
         if surrogate_batches_per_epoch is not None and surrogate_batches_per_epoch < 0:
             raise ValueError(f"surrogate_batches_per_epoch must be None or >= 0, got {surrogate_batches_per_epoch}.")
+        if surrogate_restart_every is not None and surrogate_restart_every < 1:
+            raise ValueError(f"surrogate_restart_every must be None or >= 1, got {surrogate_restart_every}.")
         self.generator = generator
         self.inferer = inferer
         self.surrogate = surrogate
@@ -94,6 +102,8 @@ class VoxShield(Protector):
         self.surrogate_batches_per_epoch = surrogate_batches_per_epoch
         self._surrogate_batches_left = surrogate_batches_per_epoch
         self.augmentation = augmentation
+        self.surrogate_restart_every = surrogate_restart_every
+        self._fit_steps = 0
 
     def start_epoch(self) -> None:
         self._surrogate_batches_left = self.surrogate_batches_per_epoch
@@ -106,6 +116,9 @@ class VoxShield(Protector):
         if None in (self.surrogate, self.generator_optimizer, self.surrogate_optimizer, self.segmentation_loss):
             raise ValueError("fitting VoxShield needs surrogate, both optimisers and segmentation_loss.")
         roi = self.support(label)
+        if self.surrogate_restart_every and self._fit_steps and self._fit_steps % self.surrogate_restart_every == 0:
+            self.restart_surrogate(self._fit_steps // self.surrogate_restart_every)
+        self._fit_steps += 1
         self.generator.train()
         self.surrogate.train()
         surrogate_steps = self.surrogate_steps
@@ -115,6 +128,17 @@ class VoxShield(Protector):
         surrogate_loss = self.fit_surrogate(image, label, roi, surrogate_steps)
         generator_losses = self.fit_generator(image, label, roi)
         return {"loss": generator_losses.pop("loss"), "surrogate_loss": surrogate_loss.item(), **generator_losses}
+
+    def restart_surrogate(self, restart: int) -> None:
+        """F's weights drawn afresh, as at construction (each layer's reset_parameters) but from
+        (seed, ``restart``), and its optimiser's state (Adam's moments and step counts) cleared."""
+        devices = sorted({p.device.index or 0 for p in self.surrogate.parameters() if p.is_cuda})
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.seed * 100_003 + restart)
+            for module in self.surrogate.modules():
+                if module is not self.surrogate and hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
+        self.surrogate_optimizer.state.clear()
 
     def fit_surrogate(self, image: torch.Tensor, label: torch.Tensor, roi: torch.Tensor, steps: int) -> torch.Tensor:
         """

@@ -22,8 +22,8 @@ NARROW_SURROGATE = ["--surrogate_def#channels", "[8,16,16,32,32]"]
 
 @pytest.mark.parametrize("bundle, data_fixture, ct, channels", CASES)
 def test_surrogate_schedule_is_a_config_value(bundle, data_fixture, ct, channels, request):
-    """train.json's default updates F on every batch; --surrogate_batches_per_epoch reaches VoxShield
-    and the training record."""
+    """train.json's default updates F on every batch and never restarts it; --surrogate_batches_per_epoch
+    and --surrogate_restart_every reach VoxShield and the training record."""
     parser = ConfigParser()
     parser.read_config(bundle_utils.config_files(bundle, "training"))
     parser["dataset_dir"] = str(request.getfixturevalue(data_fixture))
@@ -32,6 +32,11 @@ def test_surrogate_schedule_is_a_config_value(bundle, data_fixture, ct, channels
     parser.parse()
     assert parser.get_parsed_content("protectors#voxshield").surrogate_batches_per_epoch == 10
     assert parser.get_parsed_content("training_record#surrogate_batches_per_epoch") == 10
+    assert parser.get_parsed_content("protectors#voxshield").surrogate_restart_every is None
+    parser["surrogate_restart_every"] = 40
+    parser.parse()
+    assert parser.get_parsed_content("protectors#voxshield").surrogate_restart_every == 40
+    assert parser.get_parsed_content("training_record#surrogate_restart_every") == 40
 
 
 @pytest.mark.parametrize("bundle, data_fixture, ct, channels", CASES)

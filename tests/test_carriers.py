@@ -87,6 +87,34 @@ def test_random_orientation_gives_each_class_a_secret_in_plane_carrier():
     assert frequency == pytest.approx(1 / 5, abs=1 / 40)
 
 
+def test_per_case_orientation_draws_each_case_its_own_direction_and_period():
+    """Each case of a batch gets the carrier of its own draw (a function of seed, class and the case's
+    voxels): the same case gives the same stripes, another case other stripes, whose strongest in-plane
+    frequency is 1 / (period x a factor in [0.7, 1.4])."""
+    generator = torch.Generator().manual_seed(0)
+    shape = (48, 48, 3)
+    image = 0.3 + 0.4 * torch.rand((3, 1, *shape), generator=generator)
+    image[2] = image[0]  # the third case is the first again
+    label = torch.ones((3, 1, *shape))
+    protector = carrier(period=8, orientation="per_case", coding="presence", seed=3)
+    delta = protector.perturb(image, label)[:, 0].numpy()
+    np.testing.assert_allclose(np.abs(delta), EPS, atol=1e-6)  # saturated on every labelled voxel
+    signs = np.sign(delta)
+    assert np.array_equal(delta[0], delta[2]) and (signs[0] != signs[1]).mean() > 0.2
+    assert (signs[0] == signs[0][..., :1]).all()  # constant along the slice axis, as "random"
+    periods = []
+    for case in (0, 1):
+        spectrum = np.abs(np.fft.fft2(signs[case][..., 0]))
+        spectrum[0, 0] = 0
+        peak = np.unravel_index(spectrum.argmax(), spectrum.shape)
+        periods.append(1 / np.hypot(*(np.fft.fftfreq(48)[index] for index in peak)))
+    assert all(8 * 0.7 - 1 <= period <= 8 * 1.4 + 1 for period in periods)
+    drawn = [protector.wave(1, protector.random_generator(image[case : case + 1]).initial_seed())[2] for case in (0, 1)]
+    assert all(8 * 0.7 <= period <= 8 * 1.4 for period in drawn) and drawn[0] != drawn[1]
+    same_seed = carrier(period=8, orientation="per_case", coding="presence", seed=3).perturb(image[:1], label[:1])
+    assert np.array_equal(same_seed[0, 0].numpy(), delta[0])
+
+
 def test_isotropic_texture_is_a_seeded_ring_of_frequencies_without_a_preferred_orientation():
     protector = carrier(period=4, orientation="isotropic", seed=3)
     first = protector.carrier(1, (64, 48, 3)).numpy()

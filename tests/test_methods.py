@@ -40,6 +40,7 @@ def fit_and_protect(method, data, tmp_path, *extra):
 @pytest.mark.parametrize("method, support_dilation, extra", [
     ("em", 0, []), ("tap", 0, []), ("umed", 1, []), ("lsp", 0, []),
     ("carrier", 1, ["--roi_dilation", "1", "--carrier_period", "4", "--carrier_orientation", "random"]),
+    ("convolution", 0, ["--convolution_blur", "0.5"]),
 ])
 def test_method_through_the_bundle_commands(method, support_dilation, extra, flare_data, tmp_path):
     ckpt, output, log = fit_and_protect(method, flare_data, tmp_path, *extra)
@@ -47,11 +48,12 @@ def test_method_through_the_bundle_commands(method, support_dilation, extra, fla
     assert manifest["method"] == method
     record = json.loads((ckpt / "training_config.json").read_text())
     assert record["method"] == method
-    if method in ("lsp", "carrier"):
+    if method in ("lsp", "carrier", "convolution"):
         assert f"{method} is training-free: nothing to fit" in log
         assert sorted(path.name for path in ckpt.iterdir()) == ["training_config.json"]
         assert manifest["fitted"] is None
-        expected = {"patch_size": 8} if method == "lsp" else {"period": 4.0, "orientation": "random", "axes": [0, 1]}
+        expected = {"lsp": {"patch_size": 8}, "carrier": {"period": 4.0, "orientation": "random", "axes": [0, 1]},
+                    "convolution": {"kernel_size": 3, "blur": 0.5}}[method]
         assert {key: manifest["parameters"][key] for key in expected} == expected
     else:
         assert sorted(path.name for path in ckpt.iterdir()) == ["surrogate.pt", "training_config.json"]

@@ -17,6 +17,7 @@ from custom.protectors import (
     METHODS,
     AdversarialPoisoning,
     ErrorMinimizing,
+    LabelConvolution,
     LinearSeparableNoise,
     ProvablyUnlearnable,
     RandomNoise,
@@ -118,6 +119,31 @@ def test_lsp_is_a_tiled_class_code():
     # the class codes are linearly separable: the hypercube vertices they are drawn around differ
     flat = np.stack([codes[1].ravel(), codes[2].ravel()])
     assert np.abs(flat[0] - flat[1]).mean() > 0.5
+
+
+def test_convolution_filters_each_label_with_its_own_kernel():
+    """Unclipped (eps 1), each class's voxels become the image correlated with that class's kernel
+    (edges replicated: scipy's "nearest"), computed here by scipy; the rest of the volume is untouched,
+    kernels are non-negative, sum to 1 (a flat image does not change) and differ by class and seed."""
+    image, label = volume(shape=(16, 14, 10))
+    protector = LabelConvolution(ROIBoundedPerturbation(eps=1.0), kernel_size=3, blur=0.5)
+    delta = protector.perturb(image, label).double().numpy()
+    kernels = {k: protector.class_kernel(k).numpy() for k in (1, 2)}
+    for k, kernel in kernels.items():
+        assert kernel.min() >= 0 and kernel.sum() == pytest.approx(1.0)
+        assert kernel[1, 1, 1] == kernel.max()  # the identity's weight on the centre
+        for b in range(2):
+            filtered = ndimage.correlate(image[b, 0].double().numpy(), kernel, mode="nearest")
+            where = label[b, 0].numpy() == k
+            np.testing.assert_allclose(delta[b, 0][where], (filtered - image[b, 0].double().numpy())[where], atol=1e-6)
+    assert not delta[(label == 0).numpy()].any()
+    assert np.abs(kernels[1] - kernels[2]).max() > 0.01
+    assert not np.allclose(LabelConvolution(ROIBoundedPerturbation(eps=1.0), seed=1).class_kernel(1).numpy(),
+                           LabelConvolution(ROIBoundedPerturbation(eps=1.0)).class_kernel(1).numpy())
+    assert protector.perturb(torch.full_like(image, 0.4), label).abs().max() < 1e-6
+    for options, message in (({"kernel_size": 4}, "kernel_size must be a positive odd"), ({"blur": 0}, "blur must be > 0")):
+        with pytest.raises(ValueError, match=message):
+            LabelConvolution(ROIBoundedPerturbation(eps=1.0), **options)
 
 
 def loss_on(surrogate, inputs, label):

@@ -196,3 +196,37 @@ def flip_axes(seen, original):
         if torch.equal(seen, original.flip(axes)):
             return axes
     raise AssertionError("not a flip of the original")
+
+
+def test_surrogate_restarts_draw_fresh_weights_every_n_steps(monkeypatch):
+    """surrogate_restart_every=2: F is re-initialised before fit steps 3 and 5 (restarts 1 and 2); a
+    restart puts back initial values that training moved (PReLU slopes to PyTorch's 0.25), clears Adam's
+    moments, and depends on (seed, restart) only: two protectors trained apart restart to the same F."""
+    protector = make_protector(surrogate_restart_every=2)
+    image, label = cube_batch()
+    for _ in range(2):
+        protector.fit_step(image, label)
+    slopes = [module.weight for module in protector.surrogate.modules() if isinstance(module, torch.nn.PReLU)]
+    assert any(not torch.allclose(slope, torch.full_like(slope, 0.25)) for slope in slopes)
+    assert protector.surrogate_optimizer.state
+
+    other = make_protector(seed=5, surrogate_restart_every=2)
+    other.fit_step(torch.rand_like(image), label)
+    for restarted in (protector, other):
+        restarted.restart_surrogate(1)
+        assert not restarted.surrogate_optimizer.state
+    assert all(torch.allclose(slope, torch.full_like(slope, 0.25)) for slope in slopes)
+    for a, b in zip(protector.surrogate.parameters(), other.surrogate.parameters()):
+        assert torch.equal(a, b)
+    before = copy.deepcopy(protector.surrogate)
+    protector.restart_surrogate(2)
+    assert changed(before, protector.surrogate)
+
+    restarts = []
+    counted = make_protector(surrogate_restart_every=2)
+    monkeypatch.setattr(counted, "restart_surrogate", restarts.append)
+    for _ in range(5):
+        counted.fit_step(image, label)
+    assert restarts == [1, 2]
+    with pytest.raises(ValueError, match="surrogate_restart_every must be None or >= 1, got 0"):
+        make_protector(surrogate_restart_every=0)
