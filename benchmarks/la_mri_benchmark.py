@@ -121,8 +121,8 @@ RUNS = {  # run name -> method, its overrides of train.json alone, its perturbat
     "carrier_constant_darker_eps16": ("carrier", [], ["--carrier_orientation", "constant", "--carrier_polarity", "-1",
                                                       "--eps", repr(16 / 255)]),
     # issue 14's per-label convolution (CUDA-style, custom.protectors.LabelConvolution): the label's texture
-    # filtered by a secret 3x3x3 kernel, unclipped (eps 1); blur 0.3 (the default, ~38 dB on la_mri) and
-    # 3 (close to a random 3^3 average, ~37 dB)
+    # filtered by a secret 3x3x3 kernel, unclipped (eps 1); blur 0.3 (the default, 38.04 dB on la_mri) and
+    # 3 (close to a random 3^3 average, 36.23 dB)
     # ... and period-8 stripes whose direction, phase and period (8 x 0.7-1.4) each case draws for itself:
     # nnU-Net's intensity steps leave a fixed period-8 carrier working (30% of clean) but its rotation and
     # scaling undo it (66%); a victim that learns stripes of every direction and period may keep them
@@ -135,6 +135,9 @@ RUNS = {  # run name -> method, its overrides of train.json alone, its perturbat
                                             "--lambda_isc", "0"], ["--eps", repr(16 / 255), "--squash", "none"]),
     "convolution": ("convolution", [], ["--eps", "1.0"]),
     "convolution_blur3": ("convolution", [], ["--eps", "1.0", "--convolution_blur", "3.0"]),
+    # ... and a 5x5x5 kernel at blur 1 (~33 dB): the price of a stronger texture change on the frontier
+    "convolution_k5_blur1": ("convolution", [], ["--eps", "1.0", "--convolution_kernel_size", "5",
+                                                 "--convolution_blur", "1.0"]),
 }
 PROTOCOL = ["full", "no_spd", "no_isc", "random", "lsp", "em", "tap", "umed", "sep", "pue"]
 BASELINE_SURROGATE = '--surrogate_def#channels "[16,32,64,128,256]" --surrogate_def#num_res_units 1'
