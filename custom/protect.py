@@ -386,21 +386,22 @@ class DatasetProtector:
         Returns:
             (the records of the cases written here, the bad case's error or None).
         """
-        written = []
+        written, error, pending = [], None, None
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="voxshield-write") as writer:
-            pending = None
             for case in tqdm(shard, desc=f"protect (rank {rank})", disable=rank > 0):
                 if _case_done(self.output_dir, case.case_id):
                     continue
                 try:
                     write = self._perturb_case(case)
-                except VoxShieldInputError as error:  # from load_case, before the case wrote anything
-                    written += [pending.result()] if pending is not None else []
-                    return written, error
-                written += [pending.result()] if pending is not None else []
+                except VoxShieldInputError as bad_case:  # from load_case, before the case wrote anything
+                    error = bad_case
+                    break
+                if pending is not None:
+                    written.append(pending.result())
                 pending = writer.submit(self._write_case, write, case.case_id)
-            written += [pending.result()] if pending is not None else []
-        return written, None
+            if pending is not None:  # the last case written, or the one before the bad case
+                written.append(pending.result())
+        return written, error
 
     def _copy_other_files(self) -> dict:
         """Copy every file that is not a case's image or label (dataset.json, README, unlabelled
