@@ -120,9 +120,6 @@ RUNS = {  # run name -> method, its overrides of train.json alone, its perturbat
     "carrier_constant_eps16": ("carrier", [], ["--carrier_orientation", "constant", "--eps", repr(16 / 255)]),
     "carrier_constant_darker_eps16": ("carrier", [], ["--carrier_orientation", "constant", "--carrier_polarity", "-1",
                                                       "--eps", repr(16 / 255)]),
-    # issue 14's per-label convolution (CUDA-style, custom.protectors.LabelConvolution): the label's texture
-    # filtered by a secret 3x3x3 kernel, unclipped (eps 1); blur 0.3 (the default, 38.04 dB on la_mri) and
-    # 3 (close to a random 3^3 average, 36.23 dB)
     # ... and period-8 stripes whose direction, phase and period (8 x 0.7-1.4) each case draws for itself:
     # nnU-Net's intensity steps leave a fixed period-8 carrier working (30% of clean) but its rotation and
     # scaling undo it (66%); a victim that learns stripes of every direction and period may keep them
@@ -133,9 +130,12 @@ RUNS = {  # run name -> method, its overrides of train.json alone, its perturbat
     # 40 steps (an epoch), L_ISC off (its inter-slice flicker is what z-smoothing removes), L_SPD kept
     "voxshield_fresh_eps16": ("voxshield", ["--fit_augmentation", "true", "--surrogate_restart_every", "40",
                                             "--lambda_isc", "0"], ["--eps", repr(16 / 255), "--squash", "none"]),
+    # issue 14's per-label convolution (CUDA-style, custom.protectors.LabelConvolution): the label's texture
+    # filtered by a secret 3x3x3 kernel, unclipped (eps 1); blur 0.3 (the default, 38.04 dB on la_mri) and
+    # 3 (close to a random 3^3 average, 36.23 dB)
     "convolution": ("convolution", [], ["--eps", "1.0"]),
     "convolution_blur3": ("convolution", [], ["--eps", "1.0", "--convolution_blur", "3.0"]),
-    # ... and a 5x5x5 kernel at blur 1 (~33 dB): the price of a stronger texture change on the frontier
+    # ... and a 5x5x5 kernel at blur 1 (33.08 dB): the price of a stronger texture change on the frontier
     "convolution_k5_blur1": ("convolution", [], ["--eps", "1.0", "--convolution_kernel_size", "5",
                                                  "--convolution_blur", "1.0"]),
 }

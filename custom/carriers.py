@@ -115,16 +115,13 @@ class LabelCodedCarrier(Protector):
     def settings(self) -> dict:
         return {**super().settings(), "axes": list(self._axes)}
 
-    def _class_generator(self, class_index: int, case_seed: int | None = None) -> torch.Generator:
-        """The random draws of class ``class_index``'s secret carrier, a function of (seed, class), or
-        of (the case's seed, class) for "per_case" (``case_seed``: see Protector.random_generator)."""
-        return torch.Generator().manual_seed((self.seed if case_seed is None else case_seed) * 100_003 + int(class_index))
-
     def wave(self, class_index: int, case_seed: int | None = None) -> tuple[list[float], float, float]:
-        """Class ``class_index``'s direction d (3 components, zero off ``axes``), phase phi and period."""
+        """Class ``class_index``'s direction d (3 components, zero off ``axes``), phase phi and period,
+        drawn from (seed, class), or for "per_case" from (``case_seed``, class), ``case_seed`` being the
+        seed of Protector.random_generator on the case."""
         if self.orientation == "diagonal":
             return [1.0 if axis in self._axes else 0.0 for axis in range(3)], math.pi / (2 * self.period), self.period
-        generator = self._class_generator(class_index, case_seed)
+        generator = self.class_generator(class_index, case_seed)
         components = torch.randn(len(self._axes), generator=generator)
         components = components / components.norm()
         phase = 2 * math.pi * torch.rand((), generator=generator).item()
@@ -161,7 +158,7 @@ class LabelCodedCarrier(Protector):
         """(H, W, D) = ``size``: sign of white noise (seeded by seed, class and size) kept on the ring
         of frequencies around 1/period over ``axes``, constant along the other axes."""
         plane = [int(size[axis]) for axis in sorted(self._axes)]
-        generator = self._class_generator(class_index)
+        generator = self.class_generator(class_index)
         noise = torch.randn(plane, generator=generator, dtype=torch.float64)
         frequencies = torch.meshgrid(*(torch.fft.fftfreq(n, dtype=torch.float64) for n in plane), indexing="ij")
         radius = torch.sqrt(sum(frequency ** 2 for frequency in frequencies))

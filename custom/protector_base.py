@@ -82,6 +82,11 @@ class Protector(nn.Module):
         """A CPU generator seeded by ``seed`` and the volume's bytes."""
         return torch.Generator().manual_seed(zlib.crc32(image.detach().float().cpu().numpy().tobytes(), self.seed))
 
+    def class_generator(self, class_index: int, seed: int | None = None) -> torch.Generator:
+        """A CPU generator for the secret draws of class ``class_index`` (a code, kernel or carrier that
+        is the same for every volume): a function of (``seed``, by default the protector's, class) only."""
+        return torch.Generator().manual_seed((self.seed if seed is None else seed) * 100_003 + int(class_index))
+
     def autocast(self, device: torch.device):
         return torch.autocast(device_type=device.type, enabled=self.amp)
 

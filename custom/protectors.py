@@ -65,7 +65,7 @@ class LinearSeparableNoise(Protector):
 
     def class_code(self, class_index: int, channels: int) -> torch.Tensor:
         """(channels, grid, grid, grid) code of one class, values scaled into [-1, 1]."""
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + class_index)
+        generator = self.class_generator(class_index)
         shape = (channels, self.grid, self.grid, self.grid)
         vertex = torch.randint(0, 2, shape, generator=generator).float() * 2 - 1
         code = self.class_separation * vertex + torch.randn(shape, generator=generator)
@@ -115,7 +115,7 @@ class LabelConvolution(Protector):
 
     def class_kernel(self, class_index: int) -> torch.Tensor:
         """(k, k, k) kernel of class ``class_index``, non-negative, summing to 1."""
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + class_index)
+        generator = self.class_generator(class_index)
         kernel = self.blur * torch.rand((self.kernel_size,) * 3, generator=generator, dtype=torch.float64)
         kernel[(self.kernel_size // 2,) * 3] += 1.0
         return kernel / kernel.sum()
