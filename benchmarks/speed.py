@@ -14,7 +14,9 @@ each chosen with --parts (default: all of them, in this order):
   each; on a CPU "on" is torch's bfloat16 autocast, slow, for testing the option only).
 - ``protect``: seconds per case of `run protect` (the command's wall time over the number of cases,
   so the start of the command is included, as a user sees it) with the training-free ``--method
-  random`` and with ``voxshield`` and a freshly initialised generator, against reading the same
+  random`` and with ``voxshield`` and a freshly initialised generator, both with OMP_WAIT_POLICY=PASSIVE
+  as `voxshield protect` runs them (with --compare_wait_policy voxshield again without it), and protect's
+  generator alone on one window (generator_on_one_window), against reading the same
   files with nibabel and writing what protect writes (nibabel_round_trip; in this process, so
   without a start), on --data (its first --cases cases when given) and on a thick-slice dataset made
   from the demo phantom (thick_slice_dataset). Reports protect's time over nibabel's.
@@ -46,10 +48,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import datetime
 import gzip
 import json
 import math
+import os
 import re
 import shlex
 import shutil
@@ -72,6 +76,7 @@ from la_mri_benchmark import (
 from custom.bundle_utils import config_files, network_record, shared_defaults
 from custom.data import open_dataset
 from custom.demo import FLARE_SPACING, make_demo_dataset
+from custom.inferers import fitted_window, with_onednn_convolutions
 from custom.markdown import markdown_table
 from custom.nifti_io import GZIP_LEVEL, VoxShieldInputError
 from custom.provenance import hardware, software_versions
@@ -81,7 +86,12 @@ PARTS = ("fit", "protect", "memory", "multiprocess")
 PROFILED_OPERATORS = 6  # the fit part's profile lists the operators with the most self time
 BATCH_SIZE = 2  # the fit part's batch, and the multiprocess part's total batch
 AMP_SETTINGS = {"auto": (None,), "on": (True,), "off": (False,), "both": (False, True)}  # --amp -> fit's rows' amp
-PROTECT_METHODS = ("random", "voxshield")
+# the protect part's rows: name -> (--method, OMP_WAIT_POLICY); `voxshield protect` sets PASSIVE (custom/cli.py),
+# `python -m monai.bundle run protect` leaves OpenMP's default (idle workers spin) unless the user sets it;
+# --compare_wait_policy adds the last row
+PROTECT_RUNS = {"random": ("random", "PASSIVE"), "voxshield": ("voxshield", "PASSIVE"),
+                "voxshield, OMP_WAIT_POLICY unset": ("voxshield", None)}
+DEFAULT_WAIT_POLICY_ROW = "voxshield, OMP_WAIT_POLICY unset"
 CACHE_SETTINGS = {"default": [], "off": ["--cache_rate", "0"]}  # the memory part's: name -> overrides
 MULTI_GPU_TRAIN = "configs/multi_gpu_train.json"
 EPOCH_TIME = re.compile(r"Epoch\[(\d+)\] Complete\. Time taken: (\d+):(\d+):([\d.]+)")  # ignite's line per epoch
@@ -294,6 +304,34 @@ def untrained_generator(dataset: Path, ckpt: Path) -> Path:
     return ckpt
 
 
+def generator_on_one_window(dataset: Path, repeats: int = 10) -> dict:
+    """
+    Milliseconds (median of ``repeats``, after one untimed run) of protect's generator, freshly
+    initialised, on the window protect fits to ``dataset``'s first case (batch 1, no gradients, this
+    process's threads): as configs/train.json declares it (nn.Conv3d: PyTorch picks each convolution's
+    kernel) and as configs/protect.json runs it (custom.inferers.OneDNNConv3d); and the largest
+    difference between their outputs.
+    """
+    parser = ConfigParser()
+    parser.read_config(config_files(BUNDLE, "protect"))
+    parser["dataset_dir"] = str(dataset)
+    spec = open_dataset(dataset)
+    shape = nib.load(dataset / spec.cases[0].images[0]).shape[:3]
+    window = fitted_window(shape, parser.get_parsed_content("window_size"),
+                           math.prod(parser.get_parsed_content("generator_def#strides")))
+    torch.manual_seed(0)
+    plain = parser.get_parsed_content("generator_def").eval()
+    onednn = with_onednn_convolutions(copy.deepcopy(plain))
+    volume = torch.rand(1, len(spec.channel_names), *window)
+    result = {"case_shape": list(shape), "window": list(window)}
+    with torch.no_grad():
+        for name, network in (("conv3d_ms", plain), ("onednn_conv3d_ms", onednn)):
+            network(volume)
+            result[name] = statistics.median(1000 * timed(torch.device("cpu"), network, volume) for _ in range(repeats))
+        result["largest_difference"] = float((plain(volume) - onednn(volume)).abs().max())
+    return result
+
+
 def nibabel_round_trip(dataset: Path, output: Path) -> float:
     """
     Seconds to read every file of every case of ``dataset`` with nibabel (voxels decoded) and write
@@ -316,19 +354,21 @@ def nibabel_round_trip(dataset: Path, output: Path) -> float:
 
 
 def protect_step(record: SpeedRecord, options: argparse.Namespace, name: str, dataset: Path, ckpt: Path,
-                 output: Path, method: str) -> float:
-    """The wall seconds of one protect command (``name`` in the record) over ``dataset`` into ``output``."""
+                 output: Path, method: str, wait_policy: str | None) -> float:
+    """The wall seconds of one protect command (``name`` in the record) over ``dataset`` into ``output``,
+    with OMP_WAIT_POLICY ``wait_policy`` (None: not set)."""
+    policy = {"OMP_WAIT_POLICY": wait_policy} if wait_policy else {}
     step = record.run(name, with_environment(bundle(
         "protect", "--dataset_dir", str(dataset), "--ckpt_dir", str(ckpt), "--output_dir", str(output),
-        "--method", method), OMP_NUM_THREADS=options.threads), log=output.parent / f"{output.name}.log")
+        "--method", method), OMP_NUM_THREADS=options.threads, **policy), log=output.parent / f"{output.name}.log")
     return step["wall_time_s"]
 
 
 def protect_against_io(record: SpeedRecord, options: argparse.Namespace, description: str, dataset: Path,
                        work: Path) -> dict:
     """
-    Protect's seconds per case on ``dataset`` (``description`` names it in the record) with each of
-    PROTECT_METHODS, nibabel's, and their ratios. A command's seconds per case include its start-up
+    Protect's seconds per case on ``dataset`` (``description`` names it in the record) for each row of
+    PROTECT_RUNS, nibabel's, and their ratios. A command's seconds per case include its start-up
     (imports, the bundle, the network: seconds, whatever the number of cases); for an archive the
     marginal seconds per case count, measured by a second command over the first tenth of the cases
     (at least one): (T(all) - T(first)) / (cases - first). A one-case dataset has no marginal cost.
@@ -338,15 +378,20 @@ def protect_against_io(record: SpeedRecord, options: argparse.Namespace, descrip
     first = max(1, cases // 10) if cases > 1 else None
     first_cases = dataset_subset(dataset, work / "first_cases", first) if first else None
     result = {"dataset": description, "cases": cases, "first_cases": first, "protect": {}}
-    for method in PROTECT_METHODS:
-        seconds = protect_step(record, options, f"protect {work.name} ({method})", dataset, ckpt, work / method, method)
-        timing = {"wall_time_s": seconds, "seconds_per_case": seconds / cases}
+    rows = [row for row in PROTECT_RUNS if options.compare_wait_policy or row != DEFAULT_WAIT_POLICY_ROW]
+    for row in rows:
+        method, wait_policy = PROTECT_RUNS[row]
+        output = work / f"copy_{len(result['protect'])}"
+        seconds = protect_step(record, options, f"protect {work.name} ({row})", dataset, ckpt, output, method, wait_policy)
+        timing = {"method": method, "omp_wait_policy": wait_policy, "wall_time_s": seconds, "seconds_per_case": seconds / cases}
         if first_cases:
-            seconds_first = protect_step(record, options, f"protect {work.name}, first {first} cases ({method})",
-                                         first_cases, ckpt, work / f"{method}_first_cases", method)
+            seconds_first = protect_step(record, options, f"protect {work.name}, first {first} cases ({row})",
+                                         first_cases, ckpt, output.with_name(f"{output.name}_first_cases"), method,
+                                         wait_policy)
             timing.update(first_cases_wall_time_s=seconds_first,
                           marginal_seconds_per_case=(seconds - seconds_first) / (cases - first))
-        result["protect"][method] = timing
+        result["protect"][row] = timing
+    result["generator_window"] = generator_on_one_window(dataset)
     io_seconds = nibabel_round_trip(dataset, work / "nibabel")
     result["nibabel_io"] = {"wall_time_s": io_seconds, "seconds_per_case": io_seconds / cases}
     result["protect_over_io"] = {method: timing["seconds_per_case"] / result["nibabel_io"]["seconds_per_case"]
@@ -487,6 +532,7 @@ class SpeedRecord(Steps):
         work.mkdir(parents=True)
         measured = MEASUREMENTS[part](self, self.options, work)
         self.parts[part] = {**measured, "wall_time_s": round(time.perf_counter() - started, 1), "command": self.command,
+                            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),  # this process's (the fit part's)
                             "date": datetime.date.today().isoformat(), "hardware": hardware(),
                             "software": software_versions()}
         self.write()
@@ -552,6 +598,16 @@ def protect_table(part: dict) -> str:
                            "protect / nibabel", "protect, marginal (s per case)", "marginal / nibabel"], rows)
 
 
+def generator_window_table(part: dict) -> str:
+    """The generator's milliseconds on one window with nn.Conv3d and OneDNNConv3d, per dataset."""
+    rows = [[dataset["dataset"], "x".join(map(str, timing["case_shape"])), "x".join(map(str, timing["window"])),
+             f"{timing['conv3d_ms']:.1f}", f"{timing['onednn_conv3d_ms']:.1f}",
+             f"{timing['largest_difference']:.1e}"]
+            for dataset in part["datasets"] if (timing := dataset.get("generator_window"))]
+    return markdown_table(["dataset", "first case", "window", "nn.Conv3d (ms)", "OneDNNConv3d (ms)",
+                           "largest absolute difference"], rows)
+
+
 def memory_table(part: dict) -> str:
     """Peak RSS per workflow, number of cases and cache_rate."""
     rows = [[row["workflow"], str(row["cases"]), "-" if row["cache_rate"] is None else f"{row['cache_rate']:g}",
@@ -583,13 +639,16 @@ def speed_markdown(record: dict) -> str:
         title, table = TABLES[part]
         lines += ["", f"## {title}", "",
                   f"Measured {measured['date']} by `{measured['command']}` in {measured['wall_time_s']} s on "
-                  f"{measured['hardware']['cpu']}, torch threads {measured['hardware']['torch_threads']}.", "",
+                  f"{measured['hardware']['cpu']}, torch threads {measured['hardware']['torch_threads']}"
+                  + (f", OMP_WAIT_POLICY={measured['omp_wait_policy']}" if measured.get("omp_wait_policy") else "") + ".", "",
                   table(measured)]
         if part == "multiprocess":
             lines += ["", f"2 processes / 1 process: {measured['two_over_one']:.3f}."]
         if part == "protect":
             lines += ["", "Protect's seconds per case are its command's wall time over the cases, start-up included; the "
-                      "marginal ones leave the start-up out: (T(all cases) - T(first tenth)) / (cases - first tenth)."]
+                      "marginal ones leave the start-up out: (T(all cases) - T(first tenth)) / (cases - first tenth).",
+                      "", "Protect's generator on one window (batch 1, no gradients, median ms):", "",
+                      generator_window_table(measured)]
         if part == "fit" and profile_table(measured):
             lines += ["", "Where one generator step's time goes (torch.profiler, one step after the timed ones; "
                       "operators by self time):", "", profile_table(measured)]
@@ -613,6 +672,8 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=10, help="fit: timed iterations")
     parser.add_argument("--cases", type=int, default=None, help="protect: the first N cases of --data (default: all)")
     parser.add_argument("--thick_cases", type=int, default=10, help="protect: cases of the thick-slice phantom")
+    parser.add_argument("--compare_wait_policy", action="store_true",
+                        help="protect: voxshield once more without OMP_WAIT_POLICY=PASSIVE (a CPU matter)")
     parser.add_argument("--thick_shape", default="192,192,10", help="protect: the thick-slice volumes' shape")
     parser.add_argument("--thick_slice_mm", type=float, default=10.0,
                         help="protect: the thick-slice volumes' slice spacing, a multiple of 2.5 mm")

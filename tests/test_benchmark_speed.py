@@ -19,6 +19,7 @@ import torch
 from conftest import REPO_ROOT
 from custom.data import open_dataset
 from custom.demo import make_demo_dataset
+from custom.inferers import fitted_window
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 import la_mri_benchmark  # noqa: E402
@@ -48,7 +49,7 @@ def test_speed_benchmark_end_to_end(tmp_path):
     results = tmp_path / "results"
     location = ["--data", str(data), "--results_dir", str(results)]
     run_speed(*location, *TINY, "--parts", "fit,protect", "--patch_sizes", "32", "--warmup", "1", "--iterations", "2",
-              "--cases", "2", "--thick_cases", "1", "--thick_shape", "32,32,10", "--thick_slice_mm", "5")
+              "--cases", "2", "--thick_cases", "1", "--thick_shape", "32,32,10", "--thick_slice_mm", "5", "--compare_wait_policy")
     record = json.loads((results / "speed.json").read_text())
     assert record["command"].startswith("python benchmarks/speed.py --data TMP/")
     assert record["hardware"]["torch_threads"] == 1 and record["hardware"]["cpu_cores"] >= 1
@@ -89,12 +90,16 @@ def test_speed_benchmark_end_to_end(tmp_path):
     for dataset in datasets:
         io = dataset["nibabel_io"]
         assert io["wall_time_s"] > 0 and io["seconds_per_case"] == pytest.approx(io["wall_time_s"] / dataset["cases"])
-        assert set(dataset["protect"]) == {"random", "voxshield"}
+        assert list(dataset["protect"]) == ["random", "voxshield", "voxshield, OMP_WAIT_POLICY unset"]
         for method, timing in dataset["protect"].items():
             assert timing["wall_time_s"] > 0
             assert timing["seconds_per_case"] == pytest.approx(timing["wall_time_s"] / dataset["cases"])
             ratio = timing["seconds_per_case"] / io["seconds_per_case"]
             assert dataset["protect_over_io"][method] == pytest.approx(ratio)
+        window = dataset["generator_window"]  # protect's generator on one window, plain and on oneDNN
+        assert window["window"] == list(fitted_window(window["case_shape"], (96, 96, 64), 8))  # protect.json's window_size
+        assert window["conv3d_ms"] > 0 and window["onednn_conv3d_ms"] > 0 and window["largest_difference"] < 1e-4
+        assert f"| {'x'.join(map(str, window['window']))} | {window['conv3d_ms']:.1f} |" in (results / "speed.md").read_text()
     # the marginal cost of a case: the 2-case command against the same command on its first case
     assert datasets[0]["first_cases"] == 1 and datasets[1]["first_cases"] is None
     steps = {step["step"]: step for step in record["steps"]}
@@ -107,12 +112,15 @@ def test_speed_benchmark_end_to_end(tmp_path):
             timing["marginal_seconds_per_case"] / datasets[0]["nibabel_io"]["seconds_per_case"])
     assert "marginal_over_io" not in datasets[1]  # one case: no marginal cost to measure
     assert "marginal_seconds_per_case" not in datasets[1]["protect"]["random"]
-    assert list(steps) == [
-        "protect data (random)", "protect data, first 1 cases (random)", "protect data (voxshield)",
-        "protect data, first 1 cases (voxshield)", "protect thick_slices (random)", "protect thick_slices (voxshield)"]
+    rows = ["random", "voxshield", "voxshield, OMP_WAIT_POLICY unset"]
+    assert list(steps) == [name for row in rows for name in (f"protect data ({row})", f"protect data, first 1 cases ({row})")
+                           ] + [f"protect thick_slices ({row})" for row in rows]
     for step in record["steps"]:
         assert step["exit_code"] == 0 and step["wall_time_s"] > 0 and step["peak_rss_mib"] > 0
-        assert step["command"].startswith("env OMP_NUM_THREADS=1 python -m monai.bundle run protect ")
+        passive = "unset" not in step["step"]
+        assert step["command"].startswith("env OMP_NUM_THREADS=1 " + "OMP_WAIT_POLICY=PASSIVE " * passive
+                                          + "python -m monai.bundle run protect ")
+        assert f"--method {'random' if '(random)' in step['step'] else 'voxshield'} " in step["command"] + " "
 
     markdown = (results / "speed.md").read_text()
     assert "| 32x32x32 |" in markdown and f"| {size['generator_over_reference']:.3f} |" in markdown

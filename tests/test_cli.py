@@ -5,10 +5,12 @@ run protect` gives, and verify catching each kind of damage to a protected copy 
 import filecmp
 import gzip
 import json
+import os
 import re
 import shutil
 import sys
 from pathlib import Path
+from unittest import mock
 
 import nibabel as nib
 import numpy as np
@@ -39,11 +41,12 @@ def single_thread(monkeypatch):
 
 
 def run_cli(*args: str) -> int:
-    """`voxshield ARGS` in this process; returns the exit status."""
-    try:
-        cli.main(list(args))
-    except SystemExit as stop:
-        return 0 if stop.code is None else stop.code if isinstance(stop.code, int) else 1
+    """`voxshield ARGS` in this process, the environment put back afterwards; returns the exit status."""
+    with mock.patch.dict(os.environ):
+        try:
+            cli.main(list(args))
+        except SystemExit as stop:
+            return 0 if stop.code is None else stop.code if isinstance(stop.code, int) else 1
     return 0
 
 
@@ -134,6 +137,25 @@ def test_protect_trains_first_only_without_a_checkpoint(tmp_path, monkeypatch):
     (tmp_path / "generator.pt").write_bytes(b"weights")
     run_cli("protect", "--dataset_dir", "D", "--ckpt_dir", str(tmp_path), "--output_dir", "O")
     assert [call[0] for call in calls] == ["protect"]
+
+
+def test_protect_runs_openmp_workers_passive_unless_told_otherwise(tmp_path, monkeypatch):
+    """protect sets OMP_WAIT_POLICY=PASSIVE for its workflow (and a fit it runs first) when the user
+    has not set it; a user's own value is kept; train leaves it unset."""
+    policies = []
+    monkeypatch.setattr("monai.bundle.run",
+                        lambda run_id, config_file, **kw: policies.append((run_id, os.environ.get("OMP_WAIT_POLICY"))))
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    protect = ["protect", "--dataset_dir", "D", "--ckpt_dir", str(tmp_path), "--output_dir", "O"]
+    run_cli(*protect)
+    assert policies == [("training", "PASSIVE"), ("protect", "PASSIVE")]
+    (tmp_path / "generator.pt").write_bytes(b"weights")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    run_cli(*protect)
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    run_cli("train", "--dataset_dir", "D", "--ckpt_dir", str(tmp_path))
+    assert policies[2:] == [("protect", "ACTIVE"), ("training", None)]
+    assert "OMP_WAIT_POLICY" not in os.environ  # run_cli puts the environment back
 
 
 def test_one_network_override_reaches_training_and_protect(tmp_path):

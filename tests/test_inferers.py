@@ -1,13 +1,20 @@
-"""Protect's sliding window is fitted to each volume (custom.inferers), checked through the inferer that
-protect.json declares for VoxShield: the window the generator is run on, and the perturbation it gives."""
+"""Protect's inference (custom.inferers), checked through what protect.json declares for VoxShield: the
+sliding window fitted to each volume (the window the generator is run on, and the perturbation it gives),
+and the generator's 3D convolutions on oneDNN's CPU kernel whatever the batch."""
 
+import copy
+
+import pytest
 import torch
+import torch.nn.functional as F
 from monai.bundle import ConfigParser
 from monai.inferers import SlidingWindowInferer
+from torch import nn
+from torch.profiler import profile
 
 from conftest import EPS
 from custom.bundle_utils import config_files
-from custom.inferers import fitted_window
+from custom.inferers import OneDNNConv3d, fitted_window, with_onednn_convolutions
 
 THIN_VOLUME = (40, 37, 10)  # 10 slices, as a thick-slice MRI stack
 
@@ -85,3 +92,62 @@ def test_fitted_window_perturbs_like_the_padded_window(flare_data):
         assert delta.abs().max() <= EPS + 1e-7
         assert not delta[~inside].any()
         assert (delta[inside] != 0).float().mean() > 0.99
+
+
+# ---- 3D convolutions on oneDNN's kernel --------------------------------------------------------------
+def operators_run(function) -> set[str]:
+    """The names of the ATen operators ``function()`` runs."""
+    with profile() as recorded:
+        function()
+    return {event.key for event in recorded.key_averages()}
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
+def test_batch_of_one_runs_onednn_and_equals_conv3d():
+    """32 channels at 12x9x6 voxels, one volume: N x C x H x W = 3456 <= 20480, so PyTorch's own choice is
+    its native kernel; the OneDNNConv3d runs oneDNN's and gives nn.Conv3d's values to float rounding."""
+    torch.manual_seed(0)
+    plain = nn.Conv3d(32, 32, kernel_size=3, padding=1)
+    onednn = with_onednn_convolutions(copy.deepcopy(plain))
+    assert type(onednn) is OneDNNConv3d
+    volume = torch.rand(1, 32, 12, 9, 6)
+    with torch.no_grad():
+        assert "aten::slow_conv3d_forward" in operators_run(lambda: plain(volume))
+        ran = operators_run(lambda: onednn(volume))
+        assert "aten::mkldnn_convolution" in ran and "aten::slow_conv3d_forward" not in ran
+        expected = F.conv3d(volume.double(), plain.weight.double(), plain.bias.double(), padding=1)
+        torch.testing.assert_close(onednn(volume).double(), expected, atol=1e-5, rtol=0)
+
+
+def test_gradients_keep_conv3d():
+    """With gradients on (fitting), the converted convolution is nn.Conv3d's own: same values and
+    gradients, bit for bit."""
+    torch.manual_seed(0)
+    plain = nn.Conv3d(4, 8, kernel_size=3, padding=1, stride=2)
+    onednn = with_onednn_convolutions(copy.deepcopy(plain))
+    volume = torch.rand(2, 4, 8, 8, 8)
+    plain(volume).square().sum().backward()
+    onednn(volume).square().sum().backward()
+    assert torch.equal(plain.weight.grad, onednn.weight.grad) and torch.equal(plain.bias.grad, onednn.bias.grad)
+
+
+def test_protect_runs_the_generator_on_onednn(flare_data):
+    """protect.json's generator: every Conv3d converted, the transposed ones left, the parameters and
+    state_dict those of train.json's generator (a checkpoint loads unchanged), its output the plain
+    generator's to float rounding."""
+    protector = configured_voxshield(flare_data)
+    converted = protector.generator
+    torch.manual_seed(0)
+    parser = ConfigParser()
+    parser.read_config(config_files("voxshield_flare", "training"))
+    plain = parser.get_parsed_content("generator_def").eval()
+    kinds = {type(module) for module in converted.modules()}
+    assert OneDNNConv3d in kinds and nn.Conv3d not in kinds and nn.ConvTranspose3d in kinds
+    assert sum(isinstance(module, nn.Conv3d) for module in plain.modules()) == sum(
+        type(module) is OneDNNConv3d for module in converted.modules())
+    plain_state, converted_state = plain.state_dict(), converted.state_dict()
+    assert list(plain_state) == list(converted_state)
+    assert all(torch.equal(plain_state[key], converted_state[key]) for key in plain_state)
+    image = torch.rand((1, 1, 40, 40, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(converted.eval()(image), plain(image), atol=1e-4, rtol=0)
