@@ -88,10 +88,9 @@ BATCH_SIZE = 2  # the fit part's batch, and the multiprocess part's total batch
 AMP_SETTINGS = {"auto": (None,), "on": (True,), "off": (False,), "both": (False, True)}  # --amp -> fit's rows' amp
 # the protect part's rows: name -> (--method, OMP_WAIT_POLICY); `voxshield protect` sets PASSIVE (custom/cli.py),
 # `python -m monai.bundle run protect` leaves OpenMP's default (idle workers spin) unless the user sets it;
-# --compare_wait_policy adds the last row
+# the rows with None (the variable removed) run with --compare_wait_policy only
 PROTECT_RUNS = {"random": ("random", "PASSIVE"), "voxshield": ("voxshield", "PASSIVE"),
                 "voxshield, OMP_WAIT_POLICY unset": ("voxshield", None)}
-DEFAULT_WAIT_POLICY_ROW = "voxshield, OMP_WAIT_POLICY unset"
 CACHE_SETTINGS = {"default": [], "off": ["--cache_rate", "0"]}  # the memory part's: name -> overrides
 MULTI_GPU_TRAIN = "configs/multi_gpu_train.json"
 EPOCH_TIME = re.compile(r"Epoch\[(\d+)\] Complete\. Time taken: (\d+):(\d+):([\d.]+)")  # ignite's line per epoch
@@ -100,8 +99,10 @@ CHOSEN_CACHE_RATE = re.compile(r"cache_rate ([\d.]+): caching")  # custom.cachin
 
 # ---- helpers ----------------------------------------------------------------------------------------
 def with_environment(command: list[str], **variables: object) -> list[str]:
-    """``command`` run through env(1) with ``variables`` set, so that the recorded command shows them."""
-    return ["env", *(f"{name}={value}" for name, value in variables.items()), *command]
+    """``command`` run through env(1) with ``variables`` set (those given as None removed from the
+    environment), so that the recorded command shows them."""
+    removed = [option for name, value in variables.items() if value is None for option in ("-u", name)]
+    return ["env", *removed, *(f"{name}={value}" for name, value in variables.items() if value is not None), *command]
 
 
 def statistics_of(seconds: Sequence[float]) -> dict:
@@ -356,11 +357,11 @@ def nibabel_round_trip(dataset: Path, output: Path) -> float:
 def protect_step(record: SpeedRecord, options: argparse.Namespace, name: str, dataset: Path, ckpt: Path,
                  output: Path, method: str, wait_policy: str | None) -> float:
     """The wall seconds of one protect command (``name`` in the record) over ``dataset`` into ``output``,
-    with OMP_WAIT_POLICY ``wait_policy`` (None: not set)."""
-    policy = {"OMP_WAIT_POLICY": wait_policy} if wait_policy else {}
+    with OMP_WAIT_POLICY ``wait_policy`` (None: removed from the environment)."""
     step = record.run(name, with_environment(bundle(
         "protect", "--dataset_dir", str(dataset), "--ckpt_dir", str(ckpt), "--output_dir", str(output),
-        "--method", method), OMP_NUM_THREADS=options.threads, **policy), log=output.parent / f"{output.name}.log")
+        "--method", method), OMP_NUM_THREADS=options.threads, OMP_WAIT_POLICY=wait_policy),
+        log=output.parent / f"{output.name}.log")
     return step["wall_time_s"]
 
 
@@ -378,7 +379,7 @@ def protect_against_io(record: SpeedRecord, options: argparse.Namespace, descrip
     first = max(1, cases // 10) if cases > 1 else None
     first_cases = dataset_subset(dataset, work / "first_cases", first) if first else None
     result = {"dataset": description, "cases": cases, "first_cases": first, "protect": {}}
-    rows = [row for row in PROTECT_RUNS if options.compare_wait_policy or row != DEFAULT_WAIT_POLICY_ROW]
+    rows = [row for row, (_, wait_policy) in PROTECT_RUNS.items() if wait_policy or options.compare_wait_policy]
     for row in rows:
         method, wait_policy = PROTECT_RUNS[row]
         output = work / f"copy_{len(result['protect'])}"
@@ -394,12 +395,12 @@ def protect_against_io(record: SpeedRecord, options: argparse.Namespace, descrip
     result["generator_window"] = generator_on_one_window(dataset)
     io_seconds = nibabel_round_trip(dataset, work / "nibabel")
     result["nibabel_io"] = {"wall_time_s": io_seconds, "seconds_per_case": io_seconds / cases}
-    result["protect_over_io"] = {method: timing["seconds_per_case"] / result["nibabel_io"]["seconds_per_case"]
-                                 for method, timing in result["protect"].items()}
+    result["protect_over_io"] = {row: timing["seconds_per_case"] / result["nibabel_io"]["seconds_per_case"]
+                                 for row, timing in result["protect"].items()}
     if first_cases:
         result["marginal_over_io"] = {
-            method: timing["marginal_seconds_per_case"] / result["nibabel_io"]["seconds_per_case"]
-            for method, timing in result["protect"].items()}
+            row: timing["marginal_seconds_per_case"] / result["nibabel_io"]["seconds_per_case"]
+            for row, timing in result["protect"].items()}
     return result
 
 
@@ -532,7 +533,7 @@ class SpeedRecord(Steps):
         work.mkdir(parents=True)
         measured = MEASUREMENTS[part](self, self.options, work)
         self.parts[part] = {**measured, "wall_time_s": round(time.perf_counter() - started, 1), "command": self.command,
-                            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),  # this process's (the fit part's)
+                            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),  # speed.py's own (fit runs in it)
                             "date": datetime.date.today().isoformat(), "hardware": hardware(),
                             "software": software_versions()}
         self.write()
@@ -583,17 +584,18 @@ def profile_table(part: dict) -> str:
 
 def protect_table(part: dict) -> str:
     """Seconds per case of protect (the whole command, and marginal: without the start-up) and of
-    nibabel's read and write, and their ratios, per dataset and method ("-": no marginal cost measured)."""
-    def marginal(dataset: dict, method: str) -> list[str]:
+    nibabel's read and write, and their ratios, per dataset and row of PROTECT_RUNS ("-": no marginal cost
+    measured)."""
+    def marginal(dataset: dict, row: str) -> list[str]:
         if "marginal_over_io" not in dataset:
             return ["-", "-"]
-        return [format_seconds(dataset["protect"][method]["marginal_seconds_per_case"]),
-                f"{dataset['marginal_over_io'][method]:.2f}"]
+        return [format_seconds(dataset["protect"][row]["marginal_seconds_per_case"]),
+                f"{dataset['marginal_over_io'][row]:.2f}"]
 
-    rows = [[dataset["dataset"], str(dataset["cases"]), method,
+    rows = [[dataset["dataset"], str(dataset["cases"]), row,
              format_seconds(timing["seconds_per_case"]), format_seconds(dataset["nibabel_io"]["seconds_per_case"]),
-             f"{dataset['protect_over_io'][method]:.2f}", *marginal(dataset, method)]
-            for dataset in part["datasets"] for method, timing in dataset["protect"].items()]
+             f"{dataset['protect_over_io'][row]:.2f}", *marginal(dataset, row)]
+            for dataset in part["datasets"] for row, timing in dataset["protect"].items()]
     return markdown_table(["dataset", "cases", "method", "protect (s per case)", "nibabel read + write (s per case)",
                            "protect / nibabel", "protect, marginal (s per case)", "marginal / nibabel"], rows)
 

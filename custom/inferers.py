@@ -64,22 +64,25 @@ class OneDNNConv3d(nn.Conv3d):
     PyTorch itself picks for a batch of two or more). For a batch of one, PyTorch picks its native
     kernel whenever N x C x H x W <= 20480, which it estimates to be faster; for a generator's deeper
     layers on a la_mri volume (32-128 channels at 24x18x12 voxels and below) the native kernel took
-    1.8-4.6x as long, and the whole generator 128 ms instead of 65 ms (benchmarks/speed.py). The result equals
-    nn.Conv3d's to float rounding (a generator's output moved by 9e-6). Anything else (gradients on,
-    another device or dtype, a padding mode or string padding) runs nn.Conv3d's own forward.
+    longer, and the whole generator 128 ms instead of 65 ms (benchmarks/speed.py). The result equals
+    nn.Conv3d's to float rounding (a generator's output moved by 7.9e-6). Anything else runs nn.Conv3d's
+    own forward: gradients on, autocast, an unbatched input, another device or dtype, a padding mode or
+    string padding, oneDNN switched off (torch.backends.mkldnn.flags) or not built.
     """
 
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if (input.device.type == "cpu" and input.dtype == torch.float32 and not torch.is_grad_enabled()
+        if (input.device.type == "cpu" and input.dtype == torch.float32 and input.dim() == 5
+                and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
                 and self.padding_mode == "zeros" and not isinstance(self.padding, str)
-                and torch.backends.mkldnn.is_available()):
+                and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
             return torch.mkldnn_convolution(input, weight, bias, self.padding, self.stride, self.dilation, self.groups)
         return super()._conv_forward(input, weight, bias)
 
 
 def with_onednn_convolutions(network: nn.Module) -> nn.Module:
-    """``network`` with each of its nn.Conv3d turned into a OneDNNConv3d in place (same parameters,
-    state_dict and training behaviour); returns it, for a bundle config to declare."""
+    """``network`` with each module that is exactly an nn.Conv3d (not a subclass) turned into a
+    OneDNNConv3d in place (same parameters, state_dict and training behaviour); returns it, for a bundle
+    config to declare."""
     for module in network.modules():
         if type(module) is nn.Conv3d:
             module.__class__ = OneDNNConv3d

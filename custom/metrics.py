@@ -48,7 +48,7 @@ def ssim_map(clean: np.ndarray, protected: np.ndarray) -> np.ndarray:
     half = window // 2
     # valid windows only: the border, whatever its padding, is cut off after each pass; the shortest axis
     # first, as it loses the largest share of its length (a 10-slice volume keeps 2 of 10 slices)
-    for axis in sorted((2, 3, 4), key=lambda axis: local.shape[axis]):
+    for axis in sorted((2, 3, 4), key=lambda spatial: local.shape[spatial]):
         local = correlate1d(local, weights, axis=axis).take(range(half, local.shape[axis] - half), axis=axis)
     mu_x, mu_y, mu_xx, mu_yy, mu_xy = local
     c1, c2 = SSIM_K1**2, SSIM_K2**2  # data range 1

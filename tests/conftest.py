@@ -160,6 +160,18 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True)
+def wait_policy_put_back():
+    """`voxshield protect` sets OMP_WAIT_POLICY in its process (custom/cli.py): a test that runs it here
+    must not hand it to the subprocesses of the tests after it."""
+    saved = os.environ.get("OMP_WAIT_POLICY")
+    yield
+    if saved is None:
+        os.environ.pop("OMP_WAIT_POLICY", None)
+    else:
+        os.environ["OMP_WAIT_POLICY"] = saved
+
+
 @pytest.fixture
 def flare_data(tmp_path):
     return make_demo_dataset(tmp_path / "flare", "flare", num_cases=3, shape=(32, 32, 16))

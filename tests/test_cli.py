@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 from unittest import mock
@@ -149,13 +150,22 @@ def test_protect_runs_openmp_workers_passive_unless_told_otherwise(tmp_path, mon
     protect = ["protect", "--dataset_dir", "D", "--ckpt_dir", str(tmp_path), "--output_dir", "O"]
     run_cli(*protect)
     assert policies == [("training", "PASSIVE"), ("protect", "PASSIVE")]
+    assert "OMP_WAIT_POLICY" not in os.environ  # run_cli puts the environment back
     (tmp_path / "generator.pt").write_bytes(b"weights")
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     run_cli(*protect)
     monkeypatch.delenv("OMP_WAIT_POLICY")
     run_cli("train", "--dataset_dir", "D", "--ckpt_dir", str(tmp_path))
     assert policies[2:] == [("protect", "ACTIVE"), ("training", None)]
-    assert "OMP_WAIT_POLICY" not in os.environ  # run_cli puts the environment back
+
+
+def test_the_command_imports_torch_only_after_protect_set_the_policy():
+    """libgomp reads OMP_WAIT_POLICY once, when torch is first imported: the `voxshield` command's module
+    and what it imports before dispatching (fire, custom.nifti_io) leave torch unimported."""
+    check = "import sys, fire, custom.cli, custom.nifti_io; print(sorted({'torch', 'monai'} & set(sys.modules)))"
+    ran = subprocess.run([sys.executable, "-c", check], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.strip() == "[]"
 
 
 def test_one_network_override_reaches_training_and_protect(tmp_path):

@@ -2,6 +2,7 @@
 sliding window fitted to each volume (the window the generator is run on, and the perturbation it gives),
 and the generator's 3D convolutions on oneDNN's CPU kernel whatever the batch."""
 
+import contextlib
 import copy
 
 import pytest
@@ -119,16 +120,29 @@ def test_batch_of_one_runs_onednn_and_equals_conv3d():
         torch.testing.assert_close(onednn(volume).double(), expected, atol=1e-5, rtol=0)
 
 
-def test_gradients_keep_conv3d():
-    """With gradients on (fitting), the converted convolution is nn.Conv3d's own: same values and
-    gradients, bit for bit."""
+@pytest.mark.parametrize("case", ["gradients", "float64", "reflect padding", "unbatched", "autocast", "oneDNN off"])
+def test_everything_else_keeps_conv3d(case):
+    """Where OneDNNConv3d must not change anything, it runs nn.Conv3d's own forward, on a batch of one
+    that PyTorch sends to its native kernel: the same operators and values, bit for bit, and with
+    gradients on (fitting) the same weight and bias gradients."""
     torch.manual_seed(0)
-    plain = nn.Conv3d(4, 8, kernel_size=3, padding=1, stride=2)
+    plain = nn.Conv3d(32, 32, kernel_size=3, padding=1, padding_mode="reflect" if case == "reflect padding" else "zeros")
+    volume = torch.rand(1, 32, 12, 9, 6)
+    if case == "float64":
+        plain, volume = plain.double(), volume.double()
+    if case == "unbatched":
+        volume = volume[0]
     onednn = with_onednn_convolutions(copy.deepcopy(plain))
-    volume = torch.rand(2, 4, 8, 8, 8)
-    plain(volume).square().sum().backward()
-    onednn(volume).square().sum().backward()
-    assert torch.equal(plain.weight.grad, onednn.weight.grad) and torch.equal(plain.bias.grad, onednn.bias.grad)
+    settings = {"gradients": contextlib.nullcontext(), "autocast": torch.autocast("cpu", dtype=torch.bfloat16),
+                "oneDNN off": torch.backends.mkldnn.flags(enabled=False)}.get(case, contextlib.nullcontext())
+    with torch.set_grad_enabled(case == "gradients"), settings:
+        assert operators_run(lambda: plain(volume)) == operators_run(lambda: onednn(volume))
+        expected, ran = plain(volume), onednn(volume)
+        assert torch.equal(expected, ran)
+        if case == "gradients":
+            expected.square().sum().backward()
+            ran.square().sum().backward()
+            assert torch.equal(plain.weight.grad, onednn.weight.grad) and torch.equal(plain.bias.grad, onednn.bias.grad)
 
 
 def test_protect_runs_the_generator_on_onednn(flare_data):
